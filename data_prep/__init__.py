@@ -1,0 +1,1 @@
+"""Corpus preparation: the RWKV World tokenizer and packing documents into binidx shards."""
