@@ -1,0 +1,99 @@
+"""Pieces every RWKV version shares: token shift, the init formulas, bias-free Linear, Embedding.
+
+Initialisation contract (what makes meta-device construction work): every module creates its
+parameters with `torch.empty` and fills them in its own `reset_parameters()`, called at the end
+of its `__init__`, after its children were built (and so initialised). `RWKV.init_weights()`
+replays the same calls in the same order (children before parents), so a model built on the
+meta device, moved with `to_empty()` and initialised gets exactly the weights of an eager build
+under the same random seed. Every `reset_parameters` does nothing on meta tensors.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
+    """x_{t-1} for every t: x (B, T, C) shifted right by one, `prev` (B, C) or zeros in front."""
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if prev is None else prev[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)  # (B, T, C)
+
+
+def layer_ratios(layer_id: int, n_layer: int) -> tuple[float, float]:
+    """(r0, r1) of the init formulas: r0 = l / (L - 1) (0 when L = 1), r1 = 1 - l / L."""
+    r0 = layer_id / (n_layer - 1) if n_layer > 1 else 0.0
+    return r0, 1.0 - layer_id / n_layer
+
+
+def channel_ramp(n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """(d, e) as float64 vectors of length n: d_i = i / n and e_i = i / (n - 1) (0 when n = 1)."""
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    return i / n, i / max(n - 1, 1)
+
+
+def zigzag(n: int, device: torch.device | None = None) -> Tensor:
+    """((i + 1) mod 3) - 1 for i < n: the -1, 0, 1 pattern the bonus inits add."""
+    return (torch.arange(n, device=device) + 1) % 3 - 1.0
+
+
+@torch.no_grad()
+def assign(param: Tensor, value: Tensor | float) -> None:
+    """Fill `param` in place (any dtype, broadcast to its shape); a no-op on meta tensors."""
+    if param.is_meta:
+        return
+    if isinstance(value, Tensor):
+        param.copy_(value.reshape(param.shape) if value.numel() == param.numel() else value)
+    else:
+        param.fill_(value)
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias; W initialised orthogonal with gain scale * sqrt(max(1, out/in)).
+
+    scale = 0 gives zeros. The sqrt(out/in) factor for tall matrices is the rule of every RWKV
+    reference trainer (it is where the head's 0.5 * sqrt(V / C) comes from).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        if self.scale == 0:
+            nn.init.zeros_(self.weight)
+            return
+        gain = self.scale * math.sqrt(max(1.0, self.out_features / self.in_features))
+        nn.init.orthogonal_(self.weight, gain=gain)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, scale={self.scale}"
+
+
+class Embedding(nn.Module):
+    """Token embedding initialised U(-1e-4, 1e-4): tiny, so ln0 sees nearly pure bias at first."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            nn.init.uniform_(self.weight, -1e-4, 1e-4)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return F.embedding(idx, self.weight)
+
+
+def lerp_mix(x: Tensor, prev: Tensor, mix: Tensor) -> Tensor:
+    """RWKV-4/5 static token shift: x * mix + x_{t-1} * (1 - mix) (mix = 1 keeps x)."""
+    return x * mix + prev * (1 - mix)

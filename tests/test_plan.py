@@ -1,0 +1,42 @@
+"""The memory planner: ZeRO partitions the right terms; it proposes what fits, refuses the rest."""
+
+import pytest
+
+from rwkv_train.model.config import RWKVConfig
+from rwkv_train.plan import GB, estimate, main
+
+FINCH_14B = RWKVConfig(version=6, n_layer=61, n_embd=4096, mix_lora_dim=64, decay_lora_dim=128)
+
+
+def test_zero_stages_partition_the_right_terms() -> None:
+    p = FINCH_14B.num_params()
+    e1, e2, e3 = (estimate(FINCH_14B, 64, s, True, 1, 4096, 0) for s in (1, 2, 3))
+    assert e1.weights == e2.weights == 2 * p and e3.weights == 2 * p / 64
+    assert e1.gradients == 2 * p and e2.gradients == e3.gradients == 2 * p / 64
+    assert e1.optimizer == e2.optimizer == e3.optimizer == 16 * p / 64
+    assert e1.total > e2.total > e3.total
+
+
+def test_checkpointing_cuts_activations_and_scales_with_micro_batch() -> None:
+    off = estimate(FINCH_14B, 8, 2, False, 1, 4096, 0)
+    on = estimate(FINCH_14B, 8, 2, True, 1, 4096, 0)
+    on2 = estimate(FINCH_14B, 8, 2, True, 2, 4096, 0)
+    assert on.activations < off.activations / 5
+    assert on2.activations == pytest.approx(2 * on.activations)
+
+
+def test_plan_proposes_a_fitting_setting(capsys: pytest.CaptureFixture) -> None:
+    assert main(["model=finch_14b", "gpus=64", "gpu_mem_gb=80"]) == 0
+    out = capsys.readouterr().out
+    assert "proposed: deepspeed=zero" in out and "pre-emption signal lead" in out
+
+
+def test_plan_refuses_what_cannot_fit(capsys: pytest.CaptureFixture) -> None:
+    assert main(["model=finch_14b", "gpus=8", "gpu_mem_gb=24", "zero_stage=1"]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "weights" in out
+
+
+def test_small_model_fits_without_checkpointing() -> None:
+    small = RWKVConfig(version=6, n_layer=24, n_embd=2048)
+    assert estimate(small, 8, 1, False, 1, 4096, 4).total < 80 * GB
