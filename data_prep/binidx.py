@@ -6,9 +6,11 @@ All integers are little-endian. Readers elsewhere (megatron-core's IndexedDatase
 read what this writes; the tests check that.
 """
 
+import hashlib
 import os
 import struct
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,8 @@ class BinIdxWriter:
     Both files are written under temporary names and renamed at the end, so a killed
     process never leaves a shard that looks complete. Use as a context manager; an
     exception inside the block removes the temporary files instead of finishing them.
+    After `close()`, `bin_sha256` and `idx_sha256` hold the checksums of the finished files
+    (computed while writing, so manifests need no second pass over the data).
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: type = np.uint16) -> None:
@@ -53,24 +57,82 @@ class BinIdxWriter:
         self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
         self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
         self._bin = open(_tmp(self.bin_path), "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._sizes: list[int] = []
+        self._sizes = array("q")  # 8 bytes per document, not a Python int each
+        self._hash = hashlib.sha256()
+        self.num_tokens = 0
+        self.bin_sha256: str | None = None
+        self.idx_sha256: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._sizes)
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
         """Append one document (the caller adds the end-of-document token)."""
         arr = np.asarray(tokens)
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token ids out of range for {self.dtype}")
-        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
+        data = arr.astype(self.dtype, copy=False).tobytes()
+        self._bin.write(data)
+        self._hash.update(data)
         self._sizes.append(int(arr.size))
+        self.num_tokens += int(arr.size)
 
-    def close(self) -> None:
-        """Finish both files and move them to their final names (.idx last)."""
+    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Append several documents at once: `tokens` back to back, `sizes` their lengths.
+
+        One write for many documents: the packing loop of data_prep calls this per run of
+        documents, not per document.
+        """
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if int(sizes.sum()) != tokens.size or (sizes.size and sizes.min() < 0):
+            raise ValueError("sizes must be non-negative and add up to the number of tokens")
+        data = tokens.tobytes()
+        self._bin.write(data)
+        self._hash.update(data)
+        self._sizes.frombytes(sizes.tobytes())
+        self.num_tokens += int(tokens.size)
+
+    def close(self, order: Sequence[int] | np.ndarray | None = None) -> None:
+        """Finish both files and move them to their final names (.idx last).
+
+        `order`, a permutation of the document numbers, stores the documents in that order
+        (a seeded shuffle): the data is rewritten from the temporary file through a memory map,
+        so shuffling a shard costs disk reads, not memory.
+        """
         self._bin.flush()
-        os.fsync(self._bin.fileno())
         self._bin.close()
-        write_index(_tmp(self.idx_path), self._sizes, self.dtype)
+        sizes: Sequence[int] | np.ndarray = self._sizes
+        if order is not None:
+            sizes = self._reorder(np.asarray(order, dtype=np.int64))
+        else:
+            with open(_tmp(self.bin_path), "rb+") as f:
+                os.fsync(f.fileno())
+        self.bin_sha256 = self._hash.hexdigest()
+        self.idx_sha256 = write_index(_tmp(self.idx_path), sizes, self.dtype)
         os.replace(_tmp(self.bin_path), self.bin_path)
         os.replace(_tmp(self.idx_path), self.idx_path)
+
+    def _reorder(self, order: np.ndarray) -> np.ndarray:
+        sizes = np.frombuffer(self._sizes, dtype=np.int64)
+        if len(order) != len(sizes) or not np.array_equal(np.sort(order), np.arange(len(sizes))):
+            raise ValueError("order must be a permutation of the document numbers")
+        src_path = _tmp(self.bin_path)
+        dst_path = src_path.with_name(src_path.name + ".order")
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        src = np.memmap(src_path, dtype=self.dtype, mode="r") if starts[-1] else None
+        self._hash = hashlib.sha256()
+        with open(dst_path, "wb") as dst:
+            for i in order.tolist():
+                data = src[starts[i] : starts[i + 1]].tobytes() if src is not None else b""
+                dst.write(data)
+                self._hash.update(data)
+            dst.flush()
+            os.fsync(dst.fileno())
+        del src
+        os.replace(dst_path, src_path)
+        return sizes[order]
 
     def abort(self) -> None:
         """Drop the partial shard."""
@@ -88,25 +150,34 @@ class BinIdxWriter:
             self.abort()
 
 
-def write_index(path: Path, sizes: list[int], dtype: np.dtype) -> None:
-    """Write a .idx for documents of the given lengths, one sequence per document."""
+def write_index(path: Path, sizes: Sequence[int] | np.ndarray, dtype: np.dtype) -> str:
+    """Write a .idx for documents of the given lengths, one sequence per document.
+
+    Returns the sha256 of the file written.
+    """
     n = len(sizes)
     sizes_arr = np.asarray(sizes, dtype=np.int32)
     pointers = np.zeros(n, dtype=np.int64)
     if n:
         np.cumsum(sizes_arr[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
     doc_idx = np.arange(n + 1, dtype=np.int64)
+    data = b"".join(
+        [
+            MAGIC,
+            struct.pack("<Q", VERSION),
+            struct.pack("<B", CODE_OF[dtype]),
+            struct.pack("<Q", n),
+            struct.pack("<Q", n + 1),
+            sizes_arr.astype("<i4").tobytes(),
+            pointers.astype("<i8").tobytes(),
+            doc_idx.astype("<i8").tobytes(),
+        ]
+    )
     with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<Q", VERSION))
-        f.write(struct.pack("<B", CODE_OF[dtype]))
-        f.write(struct.pack("<Q", n))
-        f.write(struct.pack("<Q", n + 1))
-        f.write(sizes_arr.astype("<i4").tobytes())
-        f.write(pointers.astype("<i8").tobytes())
-        f.write(doc_idx.astype("<i8").tobytes())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
 
 
 class BinIdxReader:

@@ -1,0 +1,474 @@
+"""`python -m data_prep.build`: corpus files in, tokenized binidx shards and manifest.json out.
+
+The pipeline, for each source in turn (conf/corpus/*.yaml or the quick form `inputs=[...]`):
+
+1. read (this process, data_prep/sources.py): files are streamed and cut into batches of raw
+   records (JSON lines, Parquet values, text files, dataset rows) tagged with their position;
+2. encode (`workers` processes, data_prep/encode.py): each record becomes text or a reject
+   reason, is assigned to train or val by a hash of its bytes, and is tokenized with token 0
+   appended. At most a few batches per worker are in flight, so memory stays flat;
+3. pack (this process, data_prep/shards.py): results are consumed in input order, whatever
+   the worker count, so the output is byte-identical for 1 or N workers. Documents fill shard
+   groups of `shard_size_tokens`; each finished group is renamed into place atomically and
+   recorded in .state/, so a killed build rerun with the same settings resumes after the last
+   finished group, leaving the finished shards untouched;
+4. manifest (data_prep/manifest.py): tokenizer, shards and per-source counters, written last.
+
+Sources are never mixed here: mixture weights are a training-time choice (the training data
+config), so a new mixture never needs re-tokenizing. `data_prep.verify` checks the result and
+`data_prep.merge` joins the manifests of a cluster build split with shard_index/num_shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from data_prep import encode
+from data_prep.manifest import MANIFEST, empty_source, make_manifest, write_json_atomic
+from data_prep.shards import STATE_DIR, GroupWriter, load_group_states, save_group_state
+from data_prep.sources import (
+    TOO_LONG,
+    BadInputError,
+    Batch,
+    ReadProblem,
+    SourceSpec,
+    expand_paths,
+    iter_batches,
+    source_format,
+    source_name,
+)
+from data_prep.tokenizer import WorldTokenizer
+from rwkv_train.paths import conf_dir
+
+log = logging.getLogger("data_prep.build")
+
+
+@dataclass
+class BuildConfig:
+    """Settings of a build; the YAML in conf/data_prep.yaml gives their defaults.
+
+    output_dir: folder for the shards, manifest.json and resume state.
+    inputs: quick form, files or globs, one source per entry named after the file.
+    corpus: the selected conf/corpus/*.yaml (a `sources:` list of SourceSpec fields).
+    text_field: field holding the text, for quick-form inputs.
+    val_fraction: share of each source's documents held out as validation (by hash).
+    shard_size_tokens: a shard group is closed once it holds this many tokens.
+    max_doc_tokens: longer documents are split or rejected (`long_docs`), never truncated.
+    long_docs: split | reject.
+    shuffle: permute the documents within each shard, seeded by `seed`.
+    workers: tokenizing processes; null means one per available core.
+    batch_bytes / batch_records: size of a unit of work sent to a worker.
+    in_flight_per_worker: batches queued per worker (bounds memory).
+    strict: a bad record is an error naming file and line instead of a counted reject.
+    overwrite: delete a previous build in output_dir instead of resuming it.
+    shard_index / num_shards: build only part shard_index of num_shards (clusters).
+    tokenizer_backend: auto | cpp | python.
+    progress: show a progress bar.
+    """
+
+    output_dir: str = "???"
+    inputs: list[str] = field(default_factory=list)
+    corpus: dict[str, Any] | None = None
+    text_field: str = "text"
+    val_fraction: float = 0.001
+    seed: int = 0
+    shuffle: bool = False
+    shard_size_tokens: int = 1 << 28
+    max_doc_tokens: int = 1_000_000
+    long_docs: str = "split"
+    workers: int | None = None
+    batch_bytes: int = 1 << 20
+    batch_records: int = 4096
+    in_flight_per_worker: int = 4
+    strict: bool = False
+    overwrite: bool = False
+    shard_index: int = 0
+    num_shards: int = 1
+    tokenizer_backend: str = "auto"
+    progress: bool = True
+
+
+class BuildError(RuntimeError):
+    """A build that cannot proceed (bad settings, a changed input under resume, bad input)."""
+
+
+def source_specs(cfg: BuildConfig) -> list[SourceSpec]:
+    """The sources of a build: the corpus config's, then one per quick-form input."""
+    specs: list[SourceSpec] = []
+    corpus = cfg.corpus or {}
+    for entry in corpus.get("sources", []) or []:
+        entry = dict(entry)
+        for key in [k for k in entry if k not in SourceSpec.__dataclass_fields__]:
+            entry.pop(key)  # documentation-only keys (weights, token counts, notes)
+        entry["paths"] = list(entry.get("paths") or [])
+        specs.append(SourceSpec(**entry))
+    for path in cfg.inputs:
+        name = source_name(str(path))
+        taken = {s.name for s in specs}
+        n = 2
+        while name in taken:  # a.jsonl and a.jsonl.zst: a, a-2
+            name = f"{source_name(str(path))}-{n}"
+            n += 1
+        specs.append(SourceSpec(name, [str(path)], text_field=cfg.text_field))
+    names = [s.name for s in specs]
+    if not specs:
+        raise BuildError("nothing to build: give inputs='[...]' or corpus=<name>")
+    if len(set(names)) != len(names):
+        raise BuildError(f"source names must be unique, got {names}")
+    return specs
+
+
+def check_config(cfg: BuildConfig) -> None:
+    if cfg.output_dir in ("???", "", None):
+        raise BuildError("output_dir=DIR is required")
+    if cfg.long_docs not in ("split", "reject"):
+        raise BuildError(f"long_docs must be split or reject, not {cfg.long_docs!r}")
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise BuildError(f"need 0 <= shard_index < num_shards, got {cfg.shard_index}")
+    if cfg.shard_size_tokens < 1 or cfg.max_doc_tokens < 1:
+        raise BuildError("shard_size_tokens and max_doc_tokens must be positive")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise BuildError("val_fraction must be in [0, 1)")
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _ordered_results(
+    batches: Iterator[Batch | ReadProblem],
+    pool: Any,
+    window: int,
+    val_fraction: float,
+    strict: bool,
+) -> Iterator[tuple[Batch | ReadProblem, encode.EncodedBatch | None]]:
+    """Encode batches on the pool, yielding results in input order with a bounded window."""
+    if pool is None:
+        for b in batches:
+            if isinstance(b, ReadProblem):
+                yield b, None
+            else:
+                yield b, encode.encode_batch(b, val_fraction, strict)
+        return
+    pending: deque = deque()
+    for b in batches:
+        if isinstance(b, ReadProblem):
+            pending.append((b, None))
+        else:
+            job = pool.apply_async(encode.encode_batch, (b, val_fraction, strict))
+            # Keep only what the packer needs, not the raw records.
+            pending.append((Batch(b.source, b.kind, b.label, [], b.positions), job))
+        while len(pending) > window:
+            head, job = pending.popleft()
+            yield head, (job.get() if job is not None else None)
+    while pending:
+        head, job = pending.popleft()
+        yield head, (job.get() if job is not None else None)
+
+
+class _Packer:
+    """Consumes one source's results in order and cuts them into shard groups."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, spec: SourceSpec, name: str) -> None:
+        self.cfg, self.out, self.spec, self.name = cfg, out, spec, name
+        states = load_group_states(out, name)
+        self.states = states
+        self.done = bool(states) and states[-1]["final"]
+        self.counters = states[-1]["counters"] if states else empty_source(spec.name)
+        self.position: tuple[int, int] = tuple(states[-1]["position"]) if states else (0, 0)
+        self.shards = [s for st in states for s in st["shards"]]
+        self.group = len(states)
+        self.shuffle_seed = cfg.seed if cfg.shuffle else None
+        self.writer = self._new_writer()
+
+    def _new_writer(self) -> GroupWriter:
+        return GroupWriter(self.out, self.name, self.spec.name, self.group, self.shuffle_seed)
+
+    def _reject(self, reason: str, where: str) -> None:
+        if self.cfg.strict:
+            raise BadInputError(f"{where}: {reason}")
+        rejected = self.counters["rejected"]
+        rejected[reason] = rejected.get(reason, 0) + 1
+
+    def problem(self, p: ReadProblem) -> None:
+        self.counters["documents_in"] += 1
+        log.warning("%s: line %d: %s (%s)", p.label, p.position[1], p.reason, p.message)
+        self._reject(p.reason, f"{p.label}: line {p.position[1]} ({p.message})")
+        self.position = (p.position[0] + 1, 0)  # the rest of the file is unreadable
+
+    def batch(self, b: Batch, enc: encode.EncodedBatch) -> None:
+        """Pack a batch's results in order; runs of same-split documents go out in one write."""
+        offsets = np.zeros(len(enc.lengths) + 1, dtype=np.int64)
+        np.cumsum(enc.lengths, out=offsets[1:])
+        lengths = enc.lengths.tolist()
+        val = enc.val.tolist()
+        limit, shard_size = self.cfg.max_doc_tokens, self.cfg.shard_size_tokens
+        counters, rejected = self.counters, self.counters["rejected"]
+        run_split, run_start, run_tokens = "", 0, 0  # pending documents [run_start, doc)
+        doc = 0
+
+        def flush() -> None:
+            if doc > run_start:
+                tokens = enc.tokens[offsets[run_start] : offsets[doc]]
+                self.writer.add_many(run_split, tokens, enc.lengths[run_start:doc])
+
+        for reason, pos in zip(enc.reasons, b.positions, strict=True):
+            counters["documents_in"] += 1
+            self.position = pos
+            if reason is not None:
+                rejected[reason] = rejected.get(reason, 0) + 1
+            else:
+                split = "val" if val[doc] else "train"
+                n = lengths[doc]
+                if n - 1 > limit:
+                    flush()
+                    run_start, run_tokens = doc + 1, 0
+                    if self.cfg.long_docs == "reject":
+                        self._reject(TOO_LONG, f"{b.label}: record {pos[1]}")
+                    else:
+                        self._write(split, enc.tokens[offsets[doc] : offsets[doc + 1]], limit)
+                else:
+                    if split != run_split:
+                        flush()
+                        run_split, run_start, run_tokens = split, doc, 0
+                    run_tokens += n
+                    counters["documents_written"] += 1
+                    counters["tokens"] += n
+                doc += 1
+            if self.writer.tokens + run_tokens >= shard_size:
+                flush()
+                run_start, run_tokens = doc, 0
+                self.finish_group(final=False)
+        flush()
+
+    def _write(self, split: str, tokens: np.ndarray, limit: int) -> None:
+        if len(tokens) - 1 > limit:
+            body = len(tokens) - 1
+            starts = range(0, body, limit)
+            for start in starts:
+                end = min(start + limit, body)
+                self.writer.add(split, tokens[start : end + (1 if end == body else 0)])
+            self.counters["documents_split"] += 1
+            self.counters["extra_pieces"] += len(starts) - 1
+        else:
+            self.writer.add(split, tokens)
+        self.counters["documents_written"] += 1
+        self.counters["tokens"] += len(tokens)
+
+    def finish_group(self, final: bool) -> None:
+        entries = self.writer.finish()
+        self.counters["rejected"] = dict(sorted(self.counters["rejected"].items()))
+        save_group_state(
+            self.out, self.name, self.group, self.position, final, self.counters, entries
+        )
+        self.shards.extend(entries)
+        self.group += 1
+        self.writer = self._new_writer()
+
+
+def _fingerprint(cfg: BuildConfig, specs: list[SourceSpec], tokenizer: dict) -> dict:
+    """Everything that decides the bytes of the output (not workers, not progress)."""
+    return {
+        "tokenizer": tokenizer,
+        "sources": [asdict(s) for s in specs],
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "shuffle": cfg.shuffle,
+        "shard_size_tokens": cfg.shard_size_tokens,
+        "max_doc_tokens": cfg.max_doc_tokens,
+        "long_docs": cfg.long_docs,
+        "shard_index": cfg.shard_index,
+        "num_shards": cfg.num_shards,
+    }
+
+
+def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> None:
+    state = out / STATE_DIR
+    if overwrite and out.exists():
+        for p in out.iterdir():
+            if p.suffix in (".bin", ".idx", ".tmp", ".order") or p.name == MANIFEST:
+                p.unlink()
+        shutil.rmtree(state, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    state.mkdir(exist_ok=True)
+    fp_path = state / "build.json"
+    if fp_path.is_file():
+        previous = json.loads(fp_path.read_text(encoding="utf-8"))
+        if previous != json.loads(json.dumps(fingerprint)):
+            raise BuildError(
+                f"{out} holds a build with other settings or inputs; "
+                "use another output_dir or overwrite=true"
+            )
+    else:
+        write_json_atomic(fp_path, fingerprint)
+    for p in out.glob("*.tmp"):
+        p.unlink()  # leftovers of a killed run; their groups are rebuilt
+
+
+def _make_pool(workers: int, tok: WorldTokenizer) -> Any:
+    """Worker processes holding a tokenizer each.
+
+    Forked workers share the parent's loaded vocabulary and core (copy-on-write) and start at
+    once; where fork is unavailable, or torch is loaded (it starts threads that must not be
+    forked), spawned workers load the built core from its file and never import torch.
+    """
+    if "fork" in mp.get_all_start_methods() and "torch" not in sys.modules:
+        return mp.get_context("fork").Pool(workers)
+    ctx = mp.get_context("spawn")
+    return ctx.Pool(workers, encode.init_worker, (tok.core_path, tok.backend))
+
+
+def _partition(files: list[str], fmt: str, cfg: BuildConfig) -> list[str]:
+    if cfg.num_shards == 1 or fmt in ("hf_disk", "hf_hub"):
+        return files  # datasets are split by rows, see iter_batches
+    return files[cfg.shard_index :: cfg.num_shards]
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Run a build (or resume one) and return its manifest."""
+    check_config(cfg)
+    out = Path(cfg.output_dir)
+    specs = source_specs(cfg)
+    tok = WorldTokenizer(backend=cfg.tokenizer_backend)  # type: ignore[arg-type]
+    log.info("tokenizer engine: %s", tok.backend)
+    tok_info = {"name": tok.name, "vocab_size": tok.vocab_size, "sha256": tok.vocab_sha256()}
+    plans = []
+    for spec in specs:
+        files = expand_paths(spec) if spec.paths else []
+        fmt = source_format(spec, files)
+        files = _partition(files, fmt, cfg)
+        plans.append((spec, files, fmt))
+    fingerprint = _fingerprint(cfg, specs, tok_info)
+    fingerprint["files"] = [f for _, files, _ in plans for f in files]
+    _prepare_output(out, fingerprint, cfg.overwrite)
+
+    workers = cfg.workers or _default_workers()
+    encode.set_tokenizer(tok)
+    pool = _make_pool(workers, tok) if workers > 1 else None
+    part = (cfg.shard_index, cfg.num_shards)
+    shards: list[dict] = []
+    sources: list[dict] = []
+    try:
+        for index, (spec, files, fmt) in enumerate(plans):
+            name = spec.name if cfg.num_shards == 1 else f"{spec.name}_p{cfg.shard_index:04d}"
+            packer = _Packer(cfg, out, spec, name)
+            if not packer.done:
+                _run_source(cfg, index, spec, files, fmt, packer, pool, workers, part)
+            else:
+                log.info("%s: already built, skipped", spec.name)
+            shards.extend(packer.shards)
+            sources.append(packer.counters)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    build_info = {
+        k: v for k, v in fingerprint.items() if k not in ("tokenizer", "sources", "files")
+    }
+    manifest = make_manifest(tok_info, shards, sources, build_info)
+    write_json_atomic(out / MANIFEST, manifest)
+    _summary(manifest)
+    return manifest
+
+
+def _run_source(
+    cfg: BuildConfig,
+    index: int,
+    spec: SourceSpec,
+    files: list[str],
+    fmt: str,
+    packer: _Packer,
+    pool: Any,
+    workers: int,
+    part: tuple[int, int],
+) -> None:
+    from tqdm import tqdm
+
+    val_fraction = cfg.val_fraction if spec.val_fraction is None else spec.val_fraction
+    batches = iter_batches(
+        index, spec, files, fmt, packer.position, cfg.batch_bytes, cfg.batch_records, part
+    )
+    window = max(1, workers * cfg.in_flight_per_worker)
+    bar = tqdm(
+        desc=spec.name,
+        unit="B",
+        unit_scale=True,
+        disable=not cfg.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        for head, enc in _ordered_results(batches, pool, window, val_fraction, cfg.strict):
+            if enc is None:
+                packer.problem(head)  # type: ignore[arg-type]
+                continue
+            packer.batch(head, enc)  # type: ignore[arg-type]
+            bar.update(enc.nbytes)
+            bar.set_postfix(
+                docs=packer.counters["documents_written"],
+                tokens=packer.counters["tokens"],
+                refresh=False,
+            )
+        packer.finish_group(final=True)
+    except BaseException:
+        packer.writer.abort()
+        raise
+    finally:
+        bar.close()
+
+
+def _summary(manifest: dict) -> None:
+    log.info(
+        "%d shards, %d documents, %d tokens",
+        len(manifest["shards"]),
+        manifest["total_documents"],
+        manifest["total_tokens"],
+    )
+    for s in manifest["sources"]:
+        rejected = Counter(s["rejected"])
+        line = ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "none"
+        log.info(
+            "source %s: %d in, %d written, rejected: %s",
+            s["name"],
+            s["documents_in"],
+            s["documents_written"],
+            line,
+        )
+
+
+def config_from_hydra(cfg: DictConfig) -> BuildConfig:
+    """Check the composed config against BuildConfig (a typo'd key fails here, clearly)."""
+    schema = OmegaConf.structured(BuildConfig)
+    merged = OmegaConf.merge(schema, cfg)
+    return BuildConfig(**OmegaConf.to_container(merged, resolve=True))  # type: ignore[arg-type]
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="data_prep", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: `python -m data_prep.build inputs='[a.jsonl]' output_dir=DIR`."""
+    try:
+        build(config_from_hydra(cfg))
+    except (BuildError, BadInputError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

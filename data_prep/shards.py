@@ -1,0 +1,130 @@
+"""Packing a source's documents into numbered shard groups, with resume state.
+
+A source's document stream is cut into groups: group g holds consecutive documents until their
+tokens reach `shard_size_tokens`, and writes at most two shards, `<name>_train_<g>` and
+`<name>_val_<g>` (the validation documents among them). Because a group ends at a record of
+the input, its end is a position in the input; a small state file written after its shards
+(.state/<name>_<g>.json) records that position, the source's counters so far and the shard
+entries. A rerun after a crash resumes each source after its last recorded group: finished
+shards are not touched, and the rest is rebuilt exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.binidx import BinIdxWriter
+from data_prep.manifest import write_json_atomic
+
+STATE_DIR = ".state"
+SPLITS = ("train", "val")
+
+
+def shard_prefix(name: str, split: str, group: int) -> str:
+    """The file prefix of a shard, relative to the output folder."""
+    return f"{name}_{split}_{group:05d}"
+
+
+class GroupWriter:
+    """The (up to two) shards of one group; shuffles their documents when a seed is given."""
+
+    def __init__(
+        self, out_dir: Path, name: str, source: str, group: int, shuffle_seed: int | None
+    ) -> None:
+        self.out_dir, self.name, self.source, self.group = out_dir, name, source, group
+        self.shuffle_seed = shuffle_seed
+        self.writers: dict[str, BinIdxWriter] = {}
+        self.tokens = 0
+
+    def _writer(self, split: str) -> BinIdxWriter:
+        writer = self.writers.get(split)
+        if writer is None:
+            prefix = self.out_dir / shard_prefix(self.name, split, self.group)
+            writer = self.writers[split] = BinIdxWriter(prefix)
+        return writer
+
+    def add(self, split: str, tokens: np.ndarray) -> None:
+        """Append one document (already ending in token 0, unless it is a split-off piece)."""
+        self._writer(split).add_document(tokens)
+        self.tokens += len(tokens)
+
+    def add_many(self, split: str, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Append consecutive documents of one split in one write."""
+        self._writer(split).add_documents(tokens, sizes)
+        self.tokens += len(tokens)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Close the shards (atomically) and return their manifest entries."""
+        entries = []
+        for split in SPLITS:
+            writer = self.writers.get(split)
+            if writer is None:
+                continue
+            order = None
+            if self.shuffle_seed is not None:
+                key = [self.shuffle_seed, zlib.crc32(self.name.encode()), self.group, len(split)]
+                order = np.random.default_rng(key).permutation(len(writer))
+            writer.close(order)
+            entries.append(
+                {
+                    "prefix": shard_prefix(self.name, split, self.group),
+                    "source": self.source,
+                    "split": split,
+                    "documents": len(writer),
+                    "tokens": writer.num_tokens,
+                    "sha256_bin": writer.bin_sha256,
+                    "sha256_idx": writer.idx_sha256,
+                }
+            )
+        return entries
+
+    def abort(self) -> None:
+        """Remove the temporary files of an unfinished group."""
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def state_path(out_dir: Path, name: str, group: int) -> Path:
+    return out_dir / STATE_DIR / f"{name}_{group:05d}.json"
+
+
+def save_group_state(
+    out_dir: Path,
+    name: str,
+    group: int,
+    position: tuple[int, int],
+    final: bool,
+    counters: dict[str, Any],
+    shards: list[dict[str, Any]],
+) -> None:
+    """Record a finished group: written after its shards, so its presence means they are done."""
+    (out_dir / STATE_DIR).mkdir(exist_ok=True)
+    state = {
+        "group": group,
+        "position": list(position),
+        "final": final,
+        "counters": copy.deepcopy(counters),
+        "shards": shards,
+    }
+    write_json_atomic(state_path(out_dir, name, group), state)
+
+
+def load_group_states(out_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The recorded groups 0, 1, ... of a source, up to the first missing one."""
+    states = []
+    while (path := state_path(out_dir, name, len(states))).is_file():
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if any(not _shard_files_exist(out_dir, s["prefix"]) for s in state["shards"]):
+            break  # a shard vanished: rebuild from here
+        states.append(state)
+    return states
+
+
+def _shard_files_exist(out_dir: Path, prefix: str) -> bool:
+    return (out_dir / f"{prefix}.bin").is_file() and (out_dir / f"{prefix}.idx").is_file()

@@ -1,0 +1,145 @@
+"""`python -m data_prep.verify DIR`: check a built corpus against its manifest.
+
+Checks every shard listed in DIR/manifest.json: both files exist, their sha256 match, the index
+parses with the uint16 dtype and agrees with the .bin size, document and token counts match
+the manifest, every token is a vocabulary id (or 0) and the shard ends with token 0; then the
+totals and per-source counts add up, the vocabulary is the one installed, and no shard file
+lies in DIR without being listed. Prints every problem found and exits 1 if there was any, so
+it can gate a training job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.binidx import BinIdxFormatError, BinIdxReader
+from data_prep.manifest import read_manifest, sha256_file
+from data_prep.tokenizer import default_vocab_path, read_vocab
+
+CHUNK = 1 << 24  # tokens scanned at a time for the range check
+
+
+def _vocab_limit() -> tuple[int, str | None]:
+    """One past the largest id of the installed vocabulary, and that file's sha256."""
+    try:
+        path = default_vocab_path()
+    except FileNotFoundError:
+        return 65536, None
+    return len(read_vocab(path)), sha256_file(path)
+
+
+def verify(folder: str | Path, checksums: bool = True) -> list[str]:
+    """All problems found in a built corpus folder (an empty list means it is sound)."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError) as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    limit, vocab_sha = _vocab_limit()
+    tok = manifest["tokenizer"]
+    if vocab_sha is not None and tok.get("sha256") != vocab_sha:
+        problems.append(
+            f"tokenizer: built with vocabulary sha256 {tok.get('sha256')}, "
+            f"the installed {tok.get('name')} has {vocab_sha}"
+        )
+    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    listed = set()
+    for shard in manifest["shards"]:
+        listed.add(shard["prefix"])
+        problems += _check_shard(folder, shard, checksums, limit)
+        per_source[shard["source"]][0] += shard["documents"]
+        per_source[shard["source"]][1] += shard["tokens"]
+    total = sum(s["tokens"] for s in manifest["shards"])
+    if total != manifest["total_tokens"]:
+        problems.append(f"total_tokens is {manifest['total_tokens']}, the shards hold {total}")
+    for src in manifest["sources"]:
+        problems += _check_source(src, per_source.pop(src["name"], [0, 0]))
+    for name in per_source:
+        problems.append(f"shards of source {name!r}, which is not in the sources list")
+    for idx in sorted(folder.rglob("*.idx")):
+        prefix = idx.relative_to(folder).with_suffix("").as_posix()
+        if prefix not in listed and not prefix.startswith((".", "_")):
+            problems.append(f"{prefix}: a shard in the folder that the manifest does not list")
+    return problems
+
+
+def _check_shard(folder: Path, shard: dict[str, Any], checksums: bool, limit: int) -> list[str]:
+    prefix = shard["prefix"]
+    where = f"shard {prefix}"
+    base = folder / prefix
+    bin_path, idx_path = Path(f"{base}.bin"), Path(f"{base}.idx")
+    missing = [p.name for p in (bin_path, idx_path) if not p.is_file()]
+    if missing:
+        return [f"{where}: missing {', '.join(missing)}"]
+    problems = []
+    if checksums:
+        if sha256_file(bin_path) != shard["sha256_bin"]:
+            problems.append(f"{where}: .bin checksum differs from the manifest")
+        if sha256_file(idx_path) != shard["sha256_idx"]:
+            problems.append(f"{where}: .idx checksum differs from the manifest")
+    try:
+        reader = BinIdxReader(base)
+        tokens = reader.tokens
+    except (BinIdxFormatError, ValueError) as exc:
+        return [*problems, f"{where}: {exc}"]
+    if reader.dtype != np.uint16:
+        problems.append(f"{where}: dtype {reader.dtype}, expected uint16")
+    if len(reader) != shard["documents"]:
+        problems.append(f"{where}: {len(reader)} documents, the manifest says {shard['documents']}")
+    if len(tokens) != shard["tokens"]:
+        problems.append(f"{where}: {len(tokens)} tokens, the manifest says {shard['tokens']}")
+    if len(tokens) and int(tokens[-1]) != 0:
+        problems.append(f"{where}: does not end with the end-of-document token 0")
+    for start in range(0, len(tokens), CHUNK):
+        top = int(tokens[start : start + CHUNK].max())
+        if top >= limit:
+            problems.append(f"{where}: token id {top} outside the vocabulary (< {limit})")
+            break
+    return problems
+
+
+def _check_source(src: dict[str, Any], found: list[int]) -> list[str]:
+    name = src["name"]
+    problems = []
+    items = src["documents_written"] + src.get("extra_pieces", 0)
+    if found[0] != items:
+        problems.append(f"source {name}: shards hold {found[0]} documents, expected {items}")
+    if "tokens" in src and found[1] != src["tokens"]:
+        problems.append(f"source {name}: shards hold {found[1]} tokens, expected {src['tokens']}")
+    counted = src["documents_written"] + sum(src["rejected"].values())
+    if counted != src["documents_in"]:
+        problems.append(
+            f"source {name}: {src['documents_in']} documents in, but written + rejected = {counted}"
+        )
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: exit status 0 when the folder is sound, 1 otherwise."""
+    parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__)
+    parser.add_argument("folder", help="a build's output_dir (holding manifest.json)")
+    parser.add_argument("--no-checksums", action="store_true", help="skip the sha256 checks")
+    args = parser.parse_args(argv)
+    problems = verify(args.folder, checksums=not args.no_checksums)
+    if problems:
+        for p in problems:
+            print(f"verify: {p}", file=sys.stderr)
+        print(f"verify: {args.folder}: FAILED ({len(problems)} problems)", file=sys.stderr)
+        return 1
+    manifest = read_manifest(args.folder)
+    print(
+        f"verify: {args.folder}: OK, {len(manifest['shards'])} shards, "
+        f"{manifest['total_tokens']} tokens"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

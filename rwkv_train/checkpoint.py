@@ -1,0 +1,136 @@
+"""Full-state checkpoints: written atomically every N steps, the last K kept, the newest
+valid one found again on restart.
+
+A checkpoint is Lightning's full training state (weights, optimizer, LR schedule, loop
+counters) plus what the LightningModule adds (RNG states, data position, non-finite count),
+saved as run_dir/checkpoints/step{S:08d}.ckpt. It is written under a temporary name and
+renamed, and a small step{S:08d}.json recording its size is written after the rename, so a
+job killed while saving leaves either nothing or a temporary file that is ignored. On
+`resume=auto` the newest checkpoint whose record exists, whose size matches and whose
+archive opens is used; any other is skipped with a warning.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step(\d{8})\.ckpt$")
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"step{step:08d}.ckpt"
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():  # sharded strategies save a folder
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def is_valid(path: Path) -> tuple[bool, str]:
+    """Whether a checkpoint is complete: (ok, reason when not)."""
+    record = path.with_suffix(".json")
+    if not record.exists():
+        return False, "no completion record (the save was interrupted)"
+    try:
+        meta = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return False, "unreadable completion record"
+    if not path.exists() or _size(path) != meta.get("bytes"):
+        return False, "size differs from the completion record (truncated or changed)"
+    if path.is_file():
+        try:  # mmap reads only the archive's directory: cheap even for large files
+            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as e:
+            return False, f"cannot be opened ({type(e).__name__})"
+    return True, ""
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-named entry, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def find_latest(folder: Path) -> Path | None:
+    """The newest valid checkpoint in `folder`, warning about each newer invalid one."""
+    for step, path in reversed(list_checkpoints(folder)):
+        ok, reason = is_valid(path)
+        if ok:
+            return path
+        log.warning("skipping checkpoint %s of step %d: %s", path, step, reason)
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was saved at (from its name)."""
+    m = _NAME.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not named step<8 digits>.ckpt")
+    return int(m.group(1))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+
+
+class CheckpointManager(L.Callback):
+    """Saves the full state every `every_n_steps` optimizer steps and at the end of training,
+    keeping the newest `keep_last`."""
+
+    def __init__(self, folder: str | Path, every_n_steps: int, keep_last: int = 3) -> None:
+        self.folder = Path(folder)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self._last_saved = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_saved = trainer.global_step  # the state we started from is already on disk
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_saved:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_saved:
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> Path:
+        """Write the checkpoint of the current step atomically, then prune old ones."""
+        step = trainer.global_step
+        final = checkpoint_path(self.folder, step)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            if tmp.is_file():
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            _remove(final)
+            os.replace(tmp, final)
+            size = _size(final)
+            record = final.with_suffix(".json")
+            record.with_suffix(".json.tmp").write_text(json.dumps({"step": step, "bytes": size}))
+            os.replace(record.with_suffix(".json.tmp"), record)
+            log.info("saved checkpoint %s (step %d, %.1f MiB)", final, step, size / 2**20)
+            for _, old in list_checkpoints(self.folder)[: -self.keep_last]:
+                _remove(old)
+        self._last_saved = step
+        return final

@@ -1,0 +1,273 @@
+"""The typed schema of the training config, and the checks that run before any work.
+
+Hydra composes conf/train.yaml and its groups into a DictConfig; `validate()` merges it into
+the dataclasses below (so an unknown or mistyped key fails with its dotted name), then checks
+what only the data can tell: the data folder exists, ctx_len fits the data, the batch sizes
+divide, the model vocabulary covers the tokenizer. Every error names the field to change.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from rwkv_train.data.manifest import Manifest, ManifestError, load_manifest
+from rwkv_train.model import RWKVConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the field's dotted name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class DataConfig:
+    path: Any = None
+    """A data-prep folder, its manifest.json, or a list of {path, weight} to mix several."""
+    ctx_len: int = 512
+    """Tokens per sample (each sample reads ctx_len + 1)."""
+    micro_batch_size: int = 1
+    """Samples per device per forward/backward."""
+    global_batch_size: int = 1
+    """Samples per optimizer step over all devices; accumulation = global / (micro * ranks)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    val_samples: int = 64
+    """Chunks of the val shards evaluated at each validation (0 disables validation)."""
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    """"cpu", "gpu" or "auto" (Lightning's names)."""
+    devices: int = 1
+    """Devices per node; this trainer is single-process, so 1 (the DeepSpeed strategy uses more)."""
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """Lightning strategy name; the seam where multi-process strategies plug in."""
+    precision: str = "32-true"
+    """Lightning precision: "32-true" on CPU, "bf16-mixed" on GPU."""
+    max_steps: int = 100
+    """Optimizer steps to train (the run ends there)."""
+    log_every_n_steps: int = 1
+    """How often metrics go to the loggers (metrics.jsonl gets every step)."""
+    val_every_n_steps: int = 0
+    """Validate every N optimizer steps (0: only at the end)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bitwise-reproducible runs (CPU)."""
+    num_threads: int = 0
+    """torch intra-op threads (0 leaves torch's default)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; null looks the device up in metrics.PEAK_FLOPS."""
+    progress_bar: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr_init: float = 6e-4
+    lr_final: float = 6e-5
+    warmup_steps: int = 0
+    warmup_start: float = 0.2
+    """LR factor at step 0, rising linearly to 1 at warmup_steps (the Finch-era 0.2)."""
+    decay: str = "cosine"
+    """"cosine" or "exponential" over tokens from the end of warmup, or "constant"."""
+    decay_tokens: int | None = None
+    """Tokens over which lr decays to lr_final (after warmup); null = until trainer.max_steps."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied only to matrices (2-D+) not matched by no_decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping; the norm is logged either way)."""
+    l2wrap: float = 1e-4
+    """L2Wrap coefficient on the largest logit of each token (0 disables)."""
+    lr_mult: dict[str, float] = field(
+        default_factory=lambda: {"time_decay": 2.0, "time_first": 3.0}
+    )
+    """Learning-rate multipliers keyed by a parameter's own name (the last dotted part)."""
+    no_decay: list[str] = field(default_factory=lambda: ["time_", "_w1", "_w2"])
+    """Parameter-name substrings never weight-decayed, whatever their shape."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000
+    """Save the full training state every N optimizer steps (and at the end); 0: only the end."""
+    keep_last: int = 3
+    """Checkpoints kept in run_dir/checkpoints (older ones are deleted)."""
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    """"none" (metrics.jsonl only) or "wandb"."""
+    project: str = "rwkv-train"
+    entity: str | None = None
+    mode: str | None = None
+    """W&B mode ("online", "offline", "disabled"); null leaves it to WANDB_MODE."""
+    tags: list[str] = field(default_factory=list)
+    log_samples_every_n_steps: int = 0
+    """Log a short generated sample to W&B every N steps (0: never)."""
+
+
+@dataclass
+class NonFiniteConfig:
+    policy: str = "skip"
+    """"skip": drop the step and count it; "stop": checkpoint and stop at the first one."""
+    max_skips: int = 10
+    """With "skip", stop (with a checkpoint and a message) after this many non-finite losses."""
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    runs_root: str = "runs"
+    run_dir: str = "runs/run"
+    """Where the resolved config, checkpoints, metrics and W&B id live; fixed per run so a
+    restarted job finds them (never a timestamp)."""
+    resume: Any = "auto"
+    """"auto" (latest valid checkpoint in run_dir, else start fresh), "none", or a path."""
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    """The architecture (the fields of RWKVConfig) plus `init_from`: a reference-layout .pth
+    to start from, loaded with weights_only=True."""
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+
+
+@dataclass
+class Source:
+    """One data source of the mixture, its manifest read."""
+
+    manifest: Manifest
+    weight: float
+
+
+@dataclass
+class Plan:
+    """Everything derived and checked from the config before training starts."""
+
+    cfg: TrainConfig
+    model: RWKVConfig
+    sources: list[Source]
+    accumulate: int
+    world_size: int
+    init_from: str | None = None
+
+
+def to_schema(cfg: DictConfig) -> TrainConfig:
+    """Merge a composed config into the typed schema; unknown keys and bad types fail here."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)  # Hydra's own settings are not the run's
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(container, dict)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(str(key), str(e).splitlines()[0]) from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def data_sources(path: Any) -> list[tuple[str, float]]:
+    """`data.path` as a list of (path, weight)."""
+    if path is None or path == "":
+        raise ConfigError("data.path", "not set: give a data-prep folder or its manifest.json")
+    if isinstance(path, str | Path):
+        return [(str(path), 1.0)]
+    if isinstance(path, list | ListConfig):
+        out = []
+        for i, entry in enumerate(path):
+            if isinstance(entry, str):
+                out.append((entry, 1.0))
+            elif isinstance(entry, dict | DictConfig) and "path" in entry:
+                out.append((str(entry["path"]), float(entry.get("weight", 1.0))))
+            else:
+                raise ConfigError(
+                    f"data.path[{i}]", f"expected a path or {{path, weight}}, got {entry!r}"
+                )
+        return out
+    raise ConfigError("data.path", f"expected a path or a list of {{path, weight}}, got {path!r}")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> Plan:
+    """Check a composed config against the schema and the data; fail naming the field."""
+    tc = to_schema(cfg)
+    arch = dict(tc.model)
+    init_from = arch.pop("init_from", None)
+    try:
+        model = RWKVConfig.from_dict(arch)
+    except (ValueError, TypeError) as e:
+        raise ConfigError("model", str(e)) from None
+
+    d = tc.data
+    for name in ("ctx_len", "micro_batch_size", "global_batch_size"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"data.{name}", "must be at least 1")
+    per_pass = d.micro_batch_size * world_size
+    if d.global_batch_size % per_pass:
+        raise ConfigError(
+            "data.global_batch_size",
+            f"{d.global_batch_size} is not a multiple of micro_batch_size x ranks = "
+            f"{d.micro_batch_size} x {world_size}",
+        )
+    accumulate = d.global_batch_size // per_pass
+
+    sources = []
+    for i, (path, weight) in enumerate(data_sources(d.path)):
+        field_name = "data.path" if i == 0 and not isinstance(d.path, list) else f"data.path[{i}]"
+        if weight <= 0:
+            raise ConfigError(f"{field_name}.weight", f"must be positive, got {weight}")
+        try:
+            manifest = load_manifest(path)
+        except ManifestError as e:
+            raise ConfigError(field_name, str(e)) from None
+        if not manifest.train:
+            raise ConfigError(field_name, f"{manifest.path} lists no train shards")
+        if manifest.train_tokens < d.ctx_len + 1:
+            raise ConfigError(
+                "data.ctx_len",
+                f"{d.ctx_len} needs at least {d.ctx_len + 1} tokens, but {manifest.path} has "
+                f"{manifest.train_tokens} train tokens",
+            )
+        if model.vocab_size < manifest.vocab_size:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{model.vocab_size} is smaller than the vocabulary of the data's tokenizer "
+                f"{manifest.tokenizer_name!r} ({manifest.vocab_size}) in {manifest.path}",
+            )
+        sources.append(Source(manifest, weight))
+
+    t, o = tc.trainer, tc.optim
+    if t.max_steps < 1:
+        raise ConfigError("trainer.max_steps", "must be at least 1")
+    if o.decay not in ("cosine", "exponential", "constant"):
+        raise ConfigError("optim.decay", f"{o.decay!r} is not cosine, exponential or constant")
+    if o.lr_init <= 0 or o.lr_final <= 0:
+        raise ConfigError("optim.lr_final" if o.lr_init > 0 else "optim.lr_init", "must be > 0")
+    if not 0 <= o.warmup_start <= 1:
+        raise ConfigError("optim.warmup_start", "must be within [0, 1]")
+    if tc.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last", "must be at least 1")
+    if tc.nonfinite.policy not in ("skip", "stop"):
+        raise ConfigError("nonfinite.policy", f"{tc.nonfinite.policy!r} is not skip or stop")
+    if tc.logger.name not in ("none", "wandb"):
+        raise ConfigError("logger.name", f"{tc.logger.name!r} is not none or wandb")
+    resume = str(tc.resume)
+    if resume not in ("auto", "none") and not Path(resume).exists():
+        raise ConfigError("resume", f"no checkpoint at {resume}")
+    if init_from is not None and not Path(init_from).is_file():
+        raise ConfigError("model.init_from", f"no file at {init_from}")
+    if model.ctx_len != d.ctx_len:
+        model = RWKVConfig.from_dict({**model.to_dict(), "ctx_len": d.ctx_len})
+    return Plan(tc, model, sources, accumulate, world_size, init_from)

@@ -1,0 +1,77 @@
+"""The LightningDataModule: DataLoaders over the train mixture and the val shards."""
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rwkv_train.data.dataset import ChunkDataset, SequentialChunks, TokenStream
+from rwkv_train.data.manifest import Manifest
+from rwkv_train.data.sampler import StepBatchSampler
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Builds the loaders from manifests; the train loader starts at the trainer's step.
+
+    The data position is not saved separately: `train_dataloader()` runs after Lightning has
+    restored a checkpoint, so it reads the restored `trainer.global_step` and the sampler
+    continues at global sample global_step * G.
+    """
+
+    def __init__(
+        self,
+        manifests: list[Manifest],
+        weights: list[float],
+        ctx_len: int,
+        micro_batch_size: int,
+        accumulate: int,
+        seed: int,
+        num_workers: int = 0,
+        val_samples: int = 0,
+    ) -> None:
+        super().__init__()
+        self.manifests = manifests
+        self.weights = weights
+        self.ctx_len = ctx_len
+        self.micro_batch_size = micro_batch_size
+        self.accumulate = accumulate
+        self.seed = seed
+        self.num_workers = num_workers
+        self.val_samples = val_samples
+        self.train_set = ChunkDataset(
+            [TokenStream(m.train) for m in manifests], weights, ctx_len, seed
+        )
+        val_prefixes = [p for m in manifests for p in m.val]
+        self.val_set = None
+        if val_samples > 0 and val_prefixes:
+            stream = TokenStream(val_prefixes)
+            if stream.num_chunks(ctx_len) > 0:
+                self.val_set = SequentialChunks(stream, ctx_len, val_samples)
+
+    def _loader_kwargs(self) -> dict:
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": pin,
+            "persistent_workers": self.num_workers > 0,
+            # a private generator: creating worker seeds must not draw from the global RNG
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
+    def train_sampler(self) -> StepBatchSampler:
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        start = trainer.global_step if trainer is not None else 0
+        return StepBatchSampler(self.micro_batch_size, world, rank, self.accumulate, start)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_sampler=self.train_sampler(), **self._loader_kwargs()
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(
+            self.val_set, batch_size=self.micro_batch_size, shuffle=False, **self._loader_kwargs()
+        )

@@ -1,0 +1,117 @@
+"""Sample text from a trained model in RNN mode.
+
+    python -m rwkv_train.generate CKPT_OR_PTH prompt="Once upon a time" [max_tokens=200]
+        [temperature=1.0] [top_p=0.85] [seed=0]
+
+The prompt is read in one parallel pass that returns the recurrent state; then each new token
+costs one step of the recurrence (constant time and memory per token, the point of RWKV).
+Token 0 ends a document, so sampling stops there. Text is printed as it is decoded; a
+character split across tokens appears once complete.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from rwkv_train.export import load_weights
+from rwkv_train.model import RWKV, RWKVConfig
+
+
+def load_model(path: str | os.PathLike, wkv_backend: str = "auto") -> RWKV:
+    """An eval-mode fp32 model from a run folder, a training checkpoint or a .pth."""
+    sd = load_weights(path)
+    cfg = RWKVConfig.from_state_dict(sd, wkv_backend=wkv_backend)
+    with torch.device("meta"):
+        net = RWKV(cfg)
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    return net.eval()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token from logits (V,): nucleus sampling; temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set with mass >= top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+    return int(order[choice])
+
+
+@torch.no_grad()
+def generate_ids(
+    net: RWKV,
+    prompt_ids: list[int],
+    max_tokens: int = 200,
+    temperature: float = 1.0,
+    top_p: float = 0.85,
+    seed: int = 0,
+) -> Iterator[int]:
+    """Yields sampled token ids until max_tokens or token 0."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = prompt_ids or [0]  # an empty prompt starts as after a document's end
+    logits, state = net.forward_with_state(torch.tensor([ids]), None)
+    for _ in range(max_tokens):
+        tok = sample(logits[0, -1], temperature, top_p, gen)
+        if tok == 0:
+            return
+        yield tok
+        logits, state = net.forward_with_state(torch.tensor([[tok]]), state)
+
+
+def generate_text(
+    net: RWKV, prompt: str, tokenizer: object | None = None, **kwargs: float | int
+) -> Iterator[str]:
+    """Yields decoded text pieces as tokens are sampled (World tokenizer by default)."""
+    if tokenizer is None:
+        from data_prep.tokenizer import WorldTokenizer
+
+        tokenizer = WorldTokenizer()
+    decoder = tokenizer.stream_decoder()  # type: ignore[attr-defined]
+    for tok in generate_ids(net, tokenizer.encode(prompt), **kwargs):  # type: ignore[attr-defined]
+        piece = decoder.feed([tok])
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+def _parse(argv: list[str] | None) -> tuple[Path, dict[str, str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", help="run folder, checkpoint or .pth")
+    parser.add_argument("settings", nargs="*", help="key=value: prompt, max_tokens, ...")
+    args = parser.parse_args(argv)
+    settings = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("prompt", "max_tokens", "temperature", "top_p", "seed"):
+            parser.error(f"unknown setting {item!r}")
+        settings[key] = value
+    return Path(args.path), settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    path, s = _parse(argv)
+    net = load_model(path)
+    sys.stdout.write(s.get("prompt", ""))
+    for piece in generate_text(
+        net,
+        s.get("prompt", ""),
+        max_tokens=int(s.get("max_tokens", 200)),
+        temperature=float(s.get("temperature", 1.0)),
+        top_p=float(s.get("top_p", 0.85)),
+        seed=int(s.get("seed", 0)),
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

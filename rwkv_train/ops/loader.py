@@ -1,0 +1,195 @@
+"""Building and loading the fused WKV extensions (CPU C++ and CUDA) on first use.
+
+Nothing here compiles at import: `load_cpu()` / `load_cuda()` build through
+`torch.utils.cpp_extension.load` the first time they are called in a process, and torch caches
+the result under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), so later processes
+only load the shared library. torch rebuilds by itself when a source file or flag changes.
+
+Two problems of that mechanism are handled here:
+- torch serialises concurrent builds with a `lock` file in the build directory that a killed
+  build leaves behind, after which every later process waits on it forever. Our builders
+  hold an OS file lock (`flock`, dropped by the kernel when its holder dies) around the
+  build, so a `lock` file found while holding it has no living owner and is removed with a
+  message; where `flock` is unavailable, a `lock` older than RWKV_BUILD_LOCK_STALE_S
+  (default 1800 s) is treated the same way.
+- On a GPU machine the CUDA extension is built for the compute capabilities of the visible
+  GPUs (sm_80, sm_90, ...); with no GPU visible (a login node running the explicit build
+  step) for TORCH_CUDA_ARCH_LIST, or 8.0 and 9.0 when that is unset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from rwkv_train.paths import cuda_dir
+
+log = logging.getLogger(__name__)
+
+CPU_NAME = "rwkv_wkv_cpu"
+CUDA_NAME = "rwkv_wkv_cuda"
+CPU_SOURCES = ("wkv_cpu.cpp",)
+CUDA_SOURCES = ("wkv_cuda.cpp", "wkv6.cu", "wkv4.cu")
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+_loaded: dict[str, ModuleType] = {}
+_failed: dict[str, str] = {}
+
+
+class ExtensionBuildError(RuntimeError):
+    """A fused WKV extension could not be built or loaded; the message says why."""
+
+
+def build_root() -> Path:
+    """Where torch caches built extensions: TORCH_EXTENSIONS_DIR or torch's default."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def _stale_after_s() -> float:
+    return float(os.environ.get("RWKV_BUILD_LOCK_STALE_S", "1800"))
+
+
+@contextlib.contextmanager
+def _build_mutex(build_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on build_dir/.rwkv_build.flock; yields whether it was taken."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield False
+        return
+    path = build_dir / ".rwkv_build.flock"
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building %s; waiting for it", build_dir.name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def clear_stale_lock(build_dir: Path, owner_is_gone: bool) -> bool:
+    """Remove torch's build `lock` in build_dir if nobody can be holding it; True if removed.
+
+    owner_is_gone: the caller holds the builders' flock, so no live builder of ours owns the
+    lock. Otherwise the lock counts as stale only once older than RWKV_BUILD_LOCK_STALE_S.
+    """
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if not owner_is_gone and age < _stale_after_s():
+        return False
+    reason = "its builder is gone" if owner_is_gone else f"it is {age:.0f} s old"
+    msg = f"removing a stale build lock {lock} ({reason}: a compile was killed); rebuilding"
+    log.warning(msg)
+    print(f"rwkv_train: {msg}", file=sys.stderr)
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+    return True
+
+
+def _cuda_arch_list() -> str:
+    """Compute capabilities to build for: the visible GPUs, else TORCH_CUDA_ARCH_LIST, else
+    sm_80 and sm_90."""
+    if torch.cuda.is_available():
+        caps = sorted(
+            {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        )
+        return ";".join(f"{a}.{b}" for a, b in caps)
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+
+
+def _build(name: str, sources: tuple[str, ...], cuda: bool, verbose: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    src = cuda_dir()
+    paths = [str(src / s) for s in sources]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ExtensionBuildError(f"kernel sources missing: {missing}")
+    build_dir = build_root() / name
+    cflags = ["-O3"]
+    ldflags: list[str] = []
+    if sys.platform.startswith("linux"):
+        cflags.append("-fopenmp")  # at::parallel_for is an OpenMP loop in torch's headers
+        ldflags.append("-fopenmp")
+    kwargs: dict = {}
+    if cuda:
+        kwargs["extra_cuda_cflags"] = ["-O3", "-lineinfo", "--extra-device-vectorization"]
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
+    with _build_mutex(build_dir) as held:
+        clear_stale_lock(build_dir, owner_is_gone=held)
+        return load(
+            name=name,
+            sources=paths,
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            verbose=verbose,
+            **kwargs,
+        )
+
+
+def _summary(exc: BaseException) -> str:
+    """The first compiler error of a failed build (torch's message ends with ninja's)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("ninja")]
+    return f"{type(exc).__name__}: {(errors or lines or ['?'])[0][:500]}"
+
+
+def _load(name: str, sources: tuple[str, ...], cuda: bool, verbose: bool) -> ModuleType:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        raise ExtensionBuildError(_failed[name])
+    t0 = time.perf_counter()
+    try:
+        mod = _build(name, sources, cuda, verbose)
+    except Exception as exc:  # compiler missing, compile error, no CUDA toolkit, ...
+        _failed[name] = f"building {name} failed: {_summary(exc)}"
+        raise ExtensionBuildError(_failed[name]) from exc
+    log.info("loaded %s in %.1f s (cache %s)", name, time.perf_counter() - t0, build_root())
+    _loaded[name] = mod
+    return mod
+
+
+def load_cpu(verbose: bool = False) -> ModuleType:
+    """The fused CPU extension (builds it on the first call of the process if needed)."""
+    return _load(CPU_NAME, CPU_SOURCES, cuda=False, verbose=verbose)
+
+
+def load_cuda(verbose: bool = False) -> ModuleType:
+    """The fused CUDA extension (builds it on the first call of the process if needed)."""
+    if torch.version.cuda is None:
+        raise ExtensionBuildError(
+            "this torch build has no CUDA support (torch.version.cuda is None)"
+        )
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        raise ExtensionBuildError("no CUDA toolkit found (nvcc not on PATH and CUDA_HOME unset)")
+    return _load(CUDA_NAME, CUDA_SOURCES, cuda=True, verbose=verbose)
+
+
+def load_for(device: torch.device) -> ModuleType:
+    """The extension for tensors on `device`."""
+    return load_cuda() if device.type == "cuda" else load_cpu()

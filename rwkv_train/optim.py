@@ -1,0 +1,130 @@
+"""Optimizer parameter groups, the learning-rate schedule and L2Wrap, as in the reference
+trainer with two deliberate changes (documented where they happen): the schedule is a pure
+function of the optimizer step, so it never re-warms after a resume, and L2Wrap follows the
+loss's gradient scale, so gradient accumulation leaves it unchanged.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rwkv_train.config import OptimConfig
+
+
+def param_groups(net: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups: lr multiplier by parameter name, weight decay only on matrices.
+
+    A multiplier applies when the parameter's own name (the last dotted part) equals a key of
+    `cfg.lr_mult`: time_decay 2x, RWKV-4's time_first 3x; LoRAs (time_decay_w1 ...), mixes and
+    bonuses stay at 1x, as in the reference. Decay applies to tensors of 2+ non-unit dims whose
+    name matches none of `cfg.no_decay` (so emb and head are decayed, LoRAs are not).
+    """
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    names: dict[tuple[float, bool], list[str]] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = float(cfg.lr_mult.get(name.rsplit(".", 1)[-1], 1.0))
+        decay = (
+            cfg.weight_decay > 0
+            and p.squeeze().dim() >= 2
+            and not any(pat in name for pat in cfg.no_decay)
+        )
+        buckets.setdefault((mult, decay), []).append(p)
+        names.setdefault((mult, decay), []).append(name)
+    return [
+        {
+            "params": params,
+            "lr": cfg.lr_init * mult,
+            "lr_mult": mult,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "names": names[(mult, decay)],
+        }
+        for (mult, decay), params in sorted(buckets.items())
+    ]
+
+
+def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (decoupled decay; zero decay is plain Adam)."""
+    groups = param_groups(net, cfg)
+    for g in groups:
+        g.pop("names")
+    return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+@dataclass
+class LRSchedule:
+    """lr(step) / lr_init: linear warmup from `warmup_start`, then decay over tokens.
+
+    warmup: factor = s + (1 - s) * step / warmup_steps (the Finch-era reference, s = 0.2).
+    cosine: lr = lr_init * [(1 + f)/2 + (1 - f)/2 * cos(pi p)], f = lr_final / lr_init,
+    exponential: lr = lr_init * f**p, where p in [0, 1] is the fraction of `decay_tokens`
+    trained since the end of warmup. A function of the step alone: LambdaLR's saved step
+    restores it exactly, so a resumed run continues the curve instead of warming up again.
+    """
+
+    lr_init: float
+    lr_final: float
+    warmup_steps: int
+    warmup_start: float
+    decay: str
+    tokens_per_step: int
+    decay_tokens: int
+
+    def __call__(self, step: int) -> float:
+        warm = 1.0
+        if step < self.warmup_steps:
+            warm = self.warmup_start + (1 - self.warmup_start) * step / self.warmup_steps
+        done = (step - self.warmup_steps) * self.tokens_per_step
+        p = min(1.0, max(0.0, done / max(1, self.decay_tokens)))
+        f = self.lr_final / self.lr_init
+        if self.decay == "cosine":
+            d = (1 + f) / 2 + (1 - f) / 2 * math.cos(math.pi * p)
+        elif self.decay == "exponential":
+            d = f**p
+        else:
+            d = 1.0
+        return warm * d
+
+    @classmethod
+    def from_config(cls, cfg: OptimConfig, tokens_per_step: int, max_steps: int) -> "LRSchedule":
+        """The schedule of a run; decay ends at max_steps unless decay_tokens says otherwise."""
+        decay_tokens = cfg.decay_tokens
+        if decay_tokens is None:
+            decay_tokens = max(1, max_steps - cfg.warmup_steps) * tokens_per_step
+        return cls(
+            cfg.lr_init,
+            cfg.lr_final,
+            cfg.warmup_steps,
+            cfg.warmup_start,
+            cfg.decay,
+            tokens_per_step,
+            decay_tokens,
+        )
+
+
+class L2Wrap(torch.autograd.Function):
+    """Returns the loss unchanged; its backward adds coef/(B*T) * max logit at the argmax of
+    every token, i.e. the gradient of coef * mean_tokens(max_logit^2) / 2, which keeps logits
+    from drifting upwards.
+
+    Unlike the reference, the extra gradient is multiplied by the incoming gradient: Lightning
+    divides each micro-batch loss by the accumulation count, so the penalty is a mean over the
+    global batch like the loss itself (identical to the reference when nothing accumulates).
+    """
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, logits: Tensor, coef: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits)
+        ctx.coef = coef
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        scale = ctx.coef / (logits.shape[0] * logits.shape[1])  # (B, T, V) logits
+        top, ids = logits.max(dim=-1, keepdim=True)
+        extra = torch.zeros_like(logits).scatter_(-1, ids, top * scale)
+        return grad_output, extra * grad_output, None

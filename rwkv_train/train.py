@@ -1,0 +1,165 @@
+"""Train an RWKV model: `python -m rwkv_train.train model=finch_debug data.path=DIR [k=v ...]`.
+
+Compose the config (Hydra, conf/train.yaml), validate it against the data, build the
+LightningModule, the DataModule and the Trainer, resume from the run's newest valid
+checkpoint, and fit.
+"""
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rwkv_train.checkpoint import CheckpointManager, checkpoint_step, find_latest
+from rwkv_train.config import Plan, validate
+from rwkv_train.data.loader import TokenDataModule
+from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
+from rwkv_train.metrics import JsonlLogger
+from rwkv_train.paths import conf_dir
+
+log = logging.getLogger(__name__)
+
+
+def make_loggers(plan: Plan, run_dir: Path) -> list:
+    """metrics.jsonl always; W&B when logger.name=wandb, with an id kept in run_dir."""
+    loggers: list = [JsonlLogger(run_dir / "metrics.jsonl")]
+    lc = plan.cfg.logger
+    if lc.name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        id_file = run_dir / "wandb_id.txt"
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(6))  # [0-9a-f]: valid as a W&B run id
+        kwargs = {"mode": lc.mode} if lc.mode else {}
+        loggers.append(
+            WandbLogger(
+                project=lc.project,
+                entity=lc.entity,
+                name=plan.cfg.name,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                save_dir=str(run_dir),
+                tags=list(lc.tags),
+                **kwargs,
+            )
+        )
+    return loggers
+
+
+def close_loggers(loggers: list) -> None:
+    """Finish the W&B run so its summary is written and a later run in this process starts
+    cleanly (Lightning leaves it open)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            import wandb
+
+            logger.experiment.finish()
+            wandb.teardown()  # stops W&B's service process, which flushes the run's files
+
+
+def resume_from(plan: Plan, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, as `resume` asks."""
+    resume = str(plan.cfg.resume)
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(run_dir / "checkpoints")
+    return Path(resume)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `python -m rwkv_train.train OVERRIDES...` would run, for use from Python
+    (the demo, tests); Hydra's settings are registered so `${hydra:...}` values resolve."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def train(cfg: DictConfig) -> RWKVLitModule:
+    """Validate `cfg`, then train; returns the module (its `net` holds the final weights)."""
+    plan = validate(cfg)
+    tc = plan.cfg
+    run_dir = Path(tc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(tc)))
+    if tc.trainer.num_threads > 0:
+        torch.set_num_threads(tc.trainer.num_threads)
+    L.seed_everything(tc.seed, workers=True, verbose=False)
+
+    module = RWKVLitModule(tc, plan.model, plan.accumulate, plan.init_from)
+    data = TokenDataModule(
+        [s.manifest for s in plan.sources],
+        [s.weight for s in plan.sources],
+        tc.data.ctx_len,
+        tc.data.micro_batch_size,
+        plan.accumulate,
+        tc.seed,
+        tc.data.num_workers,
+        tc.data.val_samples,
+    )
+    ckpt = resume_from(plan, run_dir)
+    loggers = make_loggers(plan, run_dir)
+    if ckpt is not None:
+        log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
+        loggers[0].truncate_after(checkpoint_step(ckpt))
+    else:
+        loggers[0].truncate_after(0)
+    t = tc.trainer
+    val_every = t.val_every_n_steps or t.max_steps
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=plan.accumulate,
+        gradient_clip_val=tc.optim.grad_clip or None,
+        deterministic=t.deterministic,
+        logger=loggers,
+        callbacks=[CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))],
+        enable_checkpointing=False,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=val_every * plan.accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if data.val_set is not None else 0,
+        use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+    )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=False)
+    finally:
+        close_loggers(loggers)
+    if module.stop_reason:
+        raise NonFiniteLossError(module.stop_reason)
+    return module
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
+        with open_dict(cfg):  # each sweep job trains in its own deterministic folder
+            cfg.run_dir = hc.runtime.output_dir
+    train(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

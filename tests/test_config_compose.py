@@ -1,0 +1,134 @@
+"""Every file in conf/ composes, every train config fits the schema, every model size builds
+on the meta device, and bad configs fail at start-up naming the field."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+from train_utils import compose_train, tiny_data, train_overrides
+
+from rwkv_train.config import ConfigError, to_schema, validate
+from rwkv_train.model import RWKV, RWKVConfig
+from rwkv_train.paths import conf_dir
+
+CONF = conf_dir()
+PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "local")
+
+
+def _defaults_groups(primary: str) -> set[str]:
+    """The config groups a primary config's defaults list names."""
+    raw = OmegaConf.load(CONF / f"{primary}.yaml")
+    groups = set()
+    for entry in raw.get("defaults", []):
+        if isinstance(entry, str):
+            groups.add(entry.split("/")[0].removeprefix("optional "))
+        else:
+            for key in entry:
+                groups.add(str(key).removeprefix("optional ").removeprefix("override /"))
+    return groups
+
+
+def _compose(primary: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        # values marked `???` are required on the command line: give them one
+        try:
+            required = OmegaConf.missing_keys(compose(primary, overrides=overrides))
+        except OmegaConfBaseException:  # interpolations into Hydra's own node
+            required = set()
+        overrides = overrides + [f"{key}=placeholder" for key in sorted(required)]
+        cfg = compose(primary, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    job = cfg.copy()
+    with open_dict(job):
+        job.pop("hydra")  # runtime fields of Hydra's node only exist inside a real run
+    OmegaConf.to_container(job, resolve=True)
+    return cfg
+
+
+def _cases() -> list[tuple[str, list[str]]]:
+    cases = [(p, []) for p in PRIMARY]
+    for group in GROUPS:
+        users = [p for p in PRIMARY if group in _defaults_groups(p)]
+        for option in sorted((CONF / group).glob("*.yaml")):
+            for p in users:
+                cases.append((p, [f"{group}={option.stem}"]))
+    return cases
+
+
+@pytest.mark.parametrize(("primary", "overrides"), _cases(), ids=lambda v: str(v))
+def test_config_composes(primary: str, overrides: list[str]) -> None:
+    cfg = _compose(primary, overrides)
+    if primary == "train":
+        to_schema(cfg)  # unknown keys or wrong types in any group fail here
+
+
+def test_every_group_file_is_used_or_parses() -> None:
+    """Files in groups no primary config names must at least be valid YAML."""
+    for group in GROUPS:
+        if not any(group in _defaults_groups(p) for p in PRIMARY):
+            for f in (CONF / group).glob("*.yaml"):
+                OmegaConf.load(f)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_size_instantiates_on_meta(name: str) -> None:
+    model_cfg = RWKVConfig.from_dict(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    with torch.device("meta"):
+        net = RWKV(model_cfg)
+    n = sum(p.numel() for p in net.parameters())
+    assert n == model_cfg.num_params()
+    assert model_cfg.flops_per_token() > 0
+
+
+def test_run_dir_follows_the_model_name_not_the_clock() -> None:
+    cfg = _compose("train", ["model=eagle_debug"])
+    assert cfg.run_dir == "runs/eagle_debug"
+    assert cfg.hydra.run.dir == "runs/eagle_debug"
+    cfg = _compose("train", ["experiment=demo"])
+    assert cfg.run_dir == "runs/demo"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("data.path=/nonexistent/folder", "data.path"),
+        ("data.ctx_len=100000", "data.ctx_len"),
+        ("data.global_batch_size=3", "data.global_batch_size"),
+        ("model.vocab_size=64", "model.vocab_size"),
+        ("model.n_embd=100", "model"),
+        ("optim.decay=linear", "optim.decay"),
+        ("+data.nonsense=1", "data.nonsense"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("model.init_from=/nonexistent.pth", "model.init_from"),
+    ],
+)
+def test_bad_config_names_the_field(data: Path, tmp_path: Path, override: str, field: str) -> None:
+    cfg = compose_train(train_overrides(data, tmp_path, override))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.field == field
+    assert str(err.value).startswith(field)
+
+
+def test_unknown_model_fails_at_compose() -> None:
+    with pytest.raises(Exception, match="model"):
+        _compose("train", ["model=finch_999b"])
+
+
+def test_good_config_validates(data: Path, tmp_path: Path) -> None:
+    plan = validate(compose_train(train_overrides(data, tmp_path, "data.global_batch_size=8")))
+    assert plan.accumulate == 4
+    assert plan.model.vocab_size == 128
+    assert plan.model.ctx_len == 16

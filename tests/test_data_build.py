@@ -1,0 +1,419 @@
+"""`python -m data_prep.build`, verify and merge on tiny corpora made by the tests."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from data_prep.build import BuildConfig, build, config_from_hydra, source_specs
+from data_prep.encode import val_split
+from data_prep.merge import MergeError, merge
+from data_prep.sources import BadInputError
+from data_prep.tokenizer import WorldTokenizer
+from data_prep.verify import main as verify_main
+from data_prep.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "Hello world, this is document one.",
+    "第二个文档：中文内容。日本語も少し。",
+    "def f(x):\n    return x * 2  # code\n",
+    "emoji 👍🏽 and 👨‍👩‍👧 in a short line",
+    "Русский текст и ελληνικά γράμματα.",
+    "x" * 50 + " repeated " * 20,
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> WorldTokenizer:
+    return WorldTokenizer()
+
+
+def docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"{TEXTS[i % len(TEXTS)]} #{i} " * int(rng.integers(1, 6)) for i in range(n)]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    data = "".join(
+        json.dumps({field: t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)
+    )
+    raw = data.encode("utf-8")
+    if path.name.endswith(".zst"):
+        raw = zstandard.ZstdCompressor().compress(raw)
+    elif path.name.endswith(".gz"):
+        raw = gzip.compress(raw, mtime=0)
+    path.write_bytes(raw)
+    return path
+
+
+def cfg(out: Path, inputs: list, **kw) -> BuildConfig:
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    kw.setdefault("val_fraction", 0.2)
+    return BuildConfig(output_dir=str(out), inputs=[str(i) for i in inputs], **kw)
+
+
+def read_all(folder: Path) -> dict[str, bytes]:
+    """Every output file except logs, for byte comparisons."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".hydra" not in p.parts
+    }
+
+
+def megatron_docs(folder: Path, manifest: dict, source: str, split: str) -> list[list[int]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    out = []
+    for shard in manifest["shards"]:
+        if shard["source"] == source and shard["split"] == split:
+            ds = IndexedDataset(str(folder / shard["prefix"]))
+            out += [ds[i].tolist() for i in range(len(ds))]
+    return out
+
+
+def test_every_format_reads_back_through_megatron(tmp_path, tok):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    inputs = {
+        "plain": (write_jsonl(src / "plain.jsonl", docs(20, 1)), docs(20, 1)),
+        "zst": (write_jsonl(src / "zst.jsonl.zst", docs(20, 2)), docs(20, 2)),
+        "gz": (write_jsonl(src / "gz.jsonl.gz", docs(20, 3)), docs(20, 3)),
+    }
+    pq.write_table(pa.table({"text": docs(15, 4)}), src / "table.parquet", row_group_size=4)
+    inputs["table"] = (src / "table.parquet", docs(15, 4))
+    (src / "note.md").write_text(TEXTS[1] + "\n\n" + TEXTS[0], encoding="utf-8")
+    inputs["note"] = (src / "note.md", [TEXTS[1] + "\n\n" + TEXTS[0]])
+    datasets.Dataset.from_dict({"text": docs(12, 5)}).save_to_disk(str(src / "hfdisk"))
+    inputs["hfdisk"] = (src / "hfdisk", docs(12, 5))
+
+    out = tmp_path / "out"
+    manifest = build(cfg(out, [p for p, _ in inputs.values()], batch_records=7))
+    assert verify(out) == []
+    assert [s["name"] for s in manifest["sources"]] == list(inputs)
+    for name, (_, texts) in inputs.items():
+        expected = {"train": [], "val": []}
+        for t in texts:
+            split = "val" if val_split(t.encode(), 0.2) else "train"
+            expected[split].append([*tok.encode(t), 0])
+        for split in ("train", "val"):
+            assert megatron_docs(out, manifest, name, split) == expected[split], (name, split)
+        src_entry = next(s for s in manifest["sources"] if s["name"] == name)
+        assert src_entry["documents_written"] == len(texts)
+        assert src_entry["rejected"] == {}
+    assert {s["split"] for s in manifest["shards"]} == {"train", "val"}
+    keys = {"prefix", "source", "split", "documents", "tokens", "sha256_bin", "sha256_idx"}
+    assert all(keys <= set(s) for s in manifest["shards"])
+    assert set(manifest["tokenizer"]) >= {"name", "vocab_size", "sha256"}
+    assert manifest["total_tokens"] == sum(s["tokens"] for s in manifest["shards"])
+
+
+def test_output_is_the_same_for_any_worker_count(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "a.jsonl.zst", docs(300))
+    other = write_jsonl(tmp_path / "b.jsonl", docs(100, 7))
+    kw = dict(shard_size_tokens=2000, shuffle=True, seed=3, batch_records=16)
+    build(cfg(tmp_path / "w1", [src, other], workers=1, **kw))
+    build(cfg(tmp_path / "w2", [src, other], workers=2, **kw))
+    build(cfg(tmp_path / "w3", [src, other], workers=3, **kw))
+    one, two = read_all(tmp_path / "w1"), read_all(tmp_path / "w2")
+    assert sum(name.endswith(".bin") for name in one) > 4
+    assert one == two == read_all(tmp_path / "w3")
+    # Spawned workers (used where fork is unavailable or torch is loaded) load the core file.
+    monkeypatch.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])
+    build(cfg(tmp_path / "spawn", [src, other], workers=2, **kw))
+    assert read_all(tmp_path / "spawn") == one
+
+
+def test_shuffle_permutes_within_shards(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", docs(60))
+    plain = build(cfg(tmp_path / "plain", [src], val_fraction=0.0))
+    shuffled = build(cfg(tmp_path / "shuf", [src], val_fraction=0.0, shuffle=True, seed=1))
+    a = megatron_docs(tmp_path / "plain", plain, "a", "train")
+    b = megatron_docs(tmp_path / "shuf", shuffled, "a", "train")
+    assert a != b and sorted(a) == sorted(b)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_byte_identical(tmp_path):
+    src = write_jsonl(tmp_path / "big.jsonl.zst", docs(3000))
+    args = [
+        f"inputs=[{src}]",
+        "shard_size_tokens=1500",
+        "batch_records=8",
+        "workers=1",
+        "progress=false",
+        "shuffle=true",
+    ]
+
+    def run(out: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "data_prep.build", f"output_dir={out}", *args],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    clean = tmp_path / "clean"
+    build(
+        cfg(clean, [src], val_fraction=0.001, shard_size_tokens=1500, batch_records=8, shuffle=True)
+    )
+    killed = tmp_path / "killed"
+    proc = run(killed)
+    deadline = time.time() + 120
+    while len(list((killed / ".state").glob("big_*.json"))) < 5 and time.time() < deadline:
+        assert proc.poll() is None, "the build ended before it could be killed"
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists()
+    finished = {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in killed.glob("big_*_0000[0-3].*")  # groups recorded as finished
+    }
+    assert finished
+    assert run(killed).wait() == 0
+    assert read_all(killed) == read_all(clean)
+    for p, stamp in finished.items():
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp, f"{p.name} was rewritten"
+
+
+def _bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """One input per kind of bad record: path and the reason it must be counted under."""
+    folder.mkdir()
+    good = json.dumps({"text": "good document"})
+    cases = {
+        "invalid_json": "{not json",
+        "not_a_json_object": "[1, 2]",
+        "missing_text_field": json.dumps({"body": "x"}),
+        "text_not_a_string": json.dumps({"text": 42}),
+        "empty_document": json.dumps({"text": "   \n"}),
+        "blank_line": "   ",
+        "lone_surrogate": '{"text": "a\\ud800b"}',
+    }
+    out = {}
+    for reason, line in cases.items():
+        p = folder / f"{reason}.jsonl"
+        p.write_text(f"{good}\n{line}\n{good}\n", encoding="utf-8")
+        out[reason] = (p, reason)
+    p = folder / "bad_utf8_line.jsonl"
+    p.write_bytes(f"{good}\n".encode() + b'{"text": "caf\xe9"}\n')
+    out["invalid_utf8_line"] = (p, "invalid_utf8")
+    p = folder / "bad_utf8.txt"
+    p.write_bytes(b"caf\xe9 au lait")
+    out["invalid_utf8_text"] = (p, "invalid_utf8")
+    whole = write_jsonl(folder / "whole.jsonl.zst", docs(400))
+    p = folder / "cut.jsonl.zst"
+    p.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    whole.unlink()
+    out["truncated_zst"] = (p, "truncated_input")
+    whole = write_jsonl(folder / "whole.jsonl.gz", docs(400))
+    p = folder / "cut.jsonl.gz"
+    p.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    whole.unlink()
+    out["truncated_gz"] = (p, "truncated_input")
+    return out
+
+
+def test_bad_inputs_are_counted_by_reason(tmp_path):
+    cases = _bad_inputs(tmp_path / "in")
+    manifest = build(cfg(tmp_path / "out", [p for p, _ in cases.values()]))
+    assert verify(tmp_path / "out") == []
+    for src, (_, reason) in zip(manifest["sources"], cases.values(), strict=True):
+        assert src["rejected"] == {reason: 1}, src["name"]
+        assert src["documents_in"] == src["documents_written"] + 1
+
+
+@pytest.mark.parametrize(
+    "case,where",
+    [
+        ("invalid_json", "invalid_json.jsonl: line 2: invalid_json"),
+        ("missing_text_field", "missing_text_field.jsonl: line 2: missing_text_field"),
+        ("text_not_a_string", "text_not_a_string.jsonl: line 2"),
+        ("invalid_utf8_line", "bad_utf8_line.jsonl: line 2: invalid_utf8"),
+        ("truncated_zst", "cut.jsonl.zst: line"),
+    ],
+)
+def test_strict_names_file_and_line(tmp_path, case, where):
+    path, _ = _bad_inputs(tmp_path / "in")[case]
+    with pytest.raises(BadInputError, match=where):
+        build(cfg(tmp_path / "out", [path], strict=True))
+
+
+def test_long_documents_are_split_or_rejected(tmp_path, tok):
+    long_text = "a long document of many words, " * 200
+    src = write_jsonl(tmp_path / "long.jsonl", ["short one", long_text])
+    ids = [*tok.encode(long_text), 0]
+    limit = 100
+    m = build(cfg(tmp_path / "split", [src], val_fraction=0.0, max_doc_tokens=limit))
+    items = megatron_docs(tmp_path / "split", m, "long", "train")
+    assert items[0] == [*tok.encode("short one"), 0]
+    assert all(len(piece) <= limit for piece in items[1:-1]) and len(items[-1]) <= limit + 1
+    assert [t for piece in items[1:] for t in piece] == ids
+    assert m["sources"][0]["documents_split"] == 1
+    assert m["sources"][0]["extra_pieces"] == len(items) - 2
+    assert verify(tmp_path / "split") == []
+    m = build(
+        cfg(tmp_path / "rej", [src], val_fraction=0.0, max_doc_tokens=limit, long_docs="reject")
+    )
+    assert m["sources"][0]["rejected"] == {"too_long": 1}
+    assert m["total_documents"] == 1
+
+
+def test_verify_catches_a_flipped_byte(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", docs(30))
+    out = tmp_path / "out"
+    manifest = build(cfg(out, [src]))
+    assert verify_main([str(out)]) == 0
+    prefix = manifest["shards"][0]["prefix"]
+    for suffix, offset in ((".bin", 7), (".idx", 40)):
+        path = out / f"{prefix}{suffix}"
+        original = path.read_bytes()
+        data = bytearray(original)
+        data[offset] ^= 0x40
+        path.write_bytes(bytes(data))
+        assert verify_main([str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"shard {prefix}: {suffix} checksum differs" in err and "FAILED" in err
+        path.write_bytes(original)
+    # A token outside the vocabulary, with the manifest checksums updated to match.
+    path = out / f"{prefix}.bin"
+    arr = np.fromfile(path, dtype=np.uint16)
+    arr[0] = 65535
+    arr.tofile(path)
+    assert any("outside the vocabulary" in p for p in verify(out, checksums=False))
+    assert verify_main([str(tmp_path / "nowhere")]) == 1
+
+
+def test_parts_and_merge(tmp_path):
+    files = [write_jsonl(tmp_path / f"f{i}.jsonl", docs(25, i)) for i in range(5)]
+    corpus = {"sources": [{"name": "web", "paths": [str(tmp_path / "f*.jsonl")]}]}
+    whole = build(
+        BuildConfig(output_dir=str(tmp_path / "whole"), corpus=corpus, progress=False, workers=1)
+    )
+    parts = []
+    for i in range(2):
+        out = tmp_path / "merged" / f"part{i}"
+        parts.append(
+            build(
+                BuildConfig(
+                    output_dir=str(out),
+                    corpus=corpus,
+                    workers=1,
+                    progress=False,
+                    shard_index=i,
+                    num_shards=2,
+                )
+            )
+        )
+    assert parts[0]["sources"][0]["documents_in"] == 75  # files 0, 2, 4
+    assert parts[1]["sources"][0]["documents_in"] == 50
+    merged = merge(tmp_path / "merged")
+    assert verify(tmp_path / "merged") == []
+    assert merged["total_tokens"] == whole["total_tokens"]
+    assert merged["sources"][0]["documents_in"] == whole["sources"][0]["documents_in"]
+    assert all(s["prefix"].startswith("part") for s in merged["shards"])
+    with pytest.raises(MergeError, match="not exactly parts"):
+        merge(tmp_path / "only0", [tmp_path / "merged" / "part0"])
+    assert len(files) == 5
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", docs(10))
+    build(cfg(tmp_path / "out", [src]))
+    again = build(cfg(tmp_path / "out", [src]))  # same settings: resumes, nothing to do
+    assert again["total_documents"] == 10
+    with pytest.raises(RuntimeError, match="other settings"):
+        build(cfg(tmp_path / "out", [src], seed=5))
+    assert build(cfg(tmp_path / "out", [src], seed=5, overwrite=True))["total_documents"] == 10
+
+
+def test_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    from rwkv_train.paths import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        c = config_from_hydra(compose("data_prep", ["corpus=world_v2", "output_dir=x"]))
+        specs = source_specs(c)
+        assert [s.name for s in specs][:3] == ["pile", "slimpajama", "starcoder"]
+        assert all(s.paths[0].startswith("/path/to/world_v2/") for s in specs)
+        c = config_from_hydra(
+            compose("data_prep", ["corpus=demo", "corpus.root=r", "output_dir=x"])
+        )
+        assert [s.name for s in source_specs(c)] == ["stdlib_code", "stdlib_docs", "cjk"]
+        with pytest.raises(Exception, match="not_a_key"):
+            config_from_hydra(compose("data_prep", ["+not_a_key=1", "output_dir=x"]))
+
+
+@pytest.mark.slow
+def test_demo_corpus_builds_and_verifies(tmp_path):
+    from data_prep.demo_corpus import cjk_texts, write_demo_corpus
+
+    files = write_demo_corpus(tmp_path / "corpus")
+    assert sum(f.stat().st_size for f in files) < 4_000_000
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "data"
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.build",
+        "corpus=demo",
+        f"corpus.root={tmp_path / 'corpus'}",
+        f"output_dir={out}",
+        "workers=2",
+        "progress=false",
+    ]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.verify", str(out)], env=env, check=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = {s["name"]: s for s in manifest["sources"]}
+    assert names["stdlib_code"]["documents_written"] > 10
+    assert names["cjk"]["documents_written"] == len(cjk_texts())
+
+
+def test_groups_close_at_the_shard_size(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", docs(200))
+    m = build(cfg(tmp_path / "out", [src], shard_size_tokens=1000, val_fraction=0.3))
+    groups: dict[str, int] = {}
+    for s in m["shards"]:
+        group = s["prefix"].rsplit("_", 1)[1]
+        groups[group] = groups.get(group, 0) + s["tokens"]
+    sizes = [groups[g] for g in sorted(groups)]
+    longest = max(len(x) for x in megatron_docs(tmp_path / "out", m, "a", "train"))
+    assert all(1000 <= t < 1000 + longest for t in sizes[:-1])
+    assert 0 < sizes[-1] < 1000 + longest
+
+
+def test_python_tokenizer_engine_builds_the_same_bytes(tmp_path, tok):
+    if tok.backend != "cpp":
+        pytest.skip("no compiled core here (REQUIRE_CPP_OPS=1 turns this into a failure)")
+    src = write_jsonl(tmp_path / "a.jsonl", docs(40))
+    build(cfg(tmp_path / "cpp", [src], tokenizer_backend="cpp"))
+    build(cfg(tmp_path / "py", [src], tokenizer_backend="python"))
+    assert read_all(tmp_path / "cpp") == read_all(tmp_path / "py")
+
+
+def test_build_demo_data_helper(tmp_path):
+    from data_prep.demo_corpus import build_demo_data
+
+    data = build_demo_data(tmp_path / "demo", workers=1)
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert {s["split"] for s in manifest["shards"]} == {"train", "val"}
+    assert build_demo_data(tmp_path / "demo", workers=1) == data  # a rerun resumes

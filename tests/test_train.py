@@ -1,0 +1,234 @@
+"""The trainer end to end on the CPU: learning, accumulation invariance, checkpoints, export,
+W&B offline, non-finite losses."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from train_utils import (
+    TINY_VOCAB,
+    compose_train,
+    markov_documents,
+    tiny_data,
+    train_overrides,
+    write_data_folder,
+)
+
+from rwkv_train.checkpoint import find_latest, list_checkpoints
+from rwkv_train.config import OptimConfig
+from rwkv_train.export import export, load_weights
+from rwkv_train.generate import generate_ids, load_model
+from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
+from rwkv_train.metrics import read_metrics
+from rwkv_train.model import RWKV, RWKVConfig
+from rwkv_train.optim import LRSchedule, param_groups
+from rwkv_train.train import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def run(data: Path, run_dir: Path, *overrides: str) -> RWKVLitModule:
+    return train(compose_train(train_overrides(data, run_dir, *overrides)))
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+def unigram_entropy(folder: Path) -> float:
+    """Entropy in nats of the token frequencies of the train shards."""
+    from rwkv_train.data import TokenStream, load_manifest
+
+    stream = TokenStream(load_manifest(folder).train)
+    counts = np.bincount(stream.read(0, len(stream)), minlength=TINY_VOCAB)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_overfits_below_unigram_entropy(tmp_path: Path) -> None:
+    docs = markov_documents(12, 40, TINY_VOCAB, seed=5)
+    folder = write_data_folder(tmp_path / "data", [docs])
+    h = unigram_entropy(folder)
+    run(
+        folder,
+        tmp_path / "run",
+        "trainer.max_steps=60",
+        "data.val_samples=0",
+        "optim.lr_init=3e-3",
+        "optim.decay=constant",
+        "checkpoint.every_n_steps=0",
+    )
+    hist = losses(tmp_path / "run")
+    assert len(hist) == 60
+    assert hist[0] > h  # starts near log(V), above the unigram entropy
+    assert np.mean(hist[-5:]) < h, f"final loss {np.mean(hist[-5:]):.3f} >= unigram {h:.3f}"
+
+
+def test_accumulation_invariance(data: Path, tmp_path: Path) -> None:
+    """micro 1 x accumulate 2 == micro 2 x accumulate 1 (same samples, fp32)."""
+    common = ("trainer.max_steps=2", "data.global_batch_size=2", "checkpoint.every_n_steps=0")
+    a = run(data, tmp_path / "a", "data.micro_batch_size=1", *common)
+    b = run(data, tmp_path / "b", "data.micro_batch_size=2", *common)
+    assert a.accumulate == 2 and b.accumulate == 1
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert la == pytest.approx(lb, abs=1e-6)
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    worst = max((sa[k] - sb[k]).abs().max().item() for k in sa)
+    assert worst < 1e-6
+
+
+def test_checkpoints_keep_last_and_resume_auto(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rd = tmp_path / "run"
+    run(data, rd, "trainer.max_steps=8", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2")
+    assert [s for s, _ in list_checkpoints(rd / "checkpoints")] == [6, 8]
+    # a torn newest checkpoint (truncated after its record was written) is skipped
+    newest = rd / "checkpoints" / "step00000008.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        assert find_latest(rd / "checkpoints").name == "step00000006.ckpt"
+    assert "skipping checkpoint" in caplog.text
+    with caplog.at_level(logging.INFO):
+        run(data, rd, "trainer.max_steps=10", "checkpoint.every_n_steps=2")
+    assert "resuming from" in caplog.text and "(step 6)" in caplog.text
+    assert [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r] == list(
+        range(1, 11)
+    )
+
+
+def test_lr_schedule_warmup_decay_and_no_rewarm() -> None:
+    cfg = OptimConfig(lr_init=1e-3, lr_final=1e-4, warmup_steps=10, warmup_start=0.2)
+    s = LRSchedule.from_config(cfg, tokens_per_step=100, max_steps=110)
+    assert s(0) == pytest.approx(0.2)
+    assert s(5) == pytest.approx(0.6)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx((1 + 0.1) / 2)  # half way through the cosine
+    assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
+    exp = LRSchedule.from_config(
+        OptimConfig(lr_init=1e-3, lr_final=1e-5, warmup_steps=0, decay="exponential"), 1, 100
+    )
+    assert exp(50) == pytest.approx(0.1)
+    # a LambdaLR restored from its state continues where it was
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, s)
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.AdamW([p], lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, s)
+    opt2.load_state_dict(opt.state_dict())  # what a resume restores
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * s(30))
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * s(31))
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_optimizer_groups_follow_the_reference(version: int) -> None:
+    net = RWKV(RWKVConfig(version=version, n_layer=2, n_embd=64, vocab_size=64))
+    groups = param_groups(net, OptimConfig(weight_decay=0.1))
+    where = {n: (g["lr_mult"], g["weight_decay"]) for g in groups for n in g["names"]}
+    assert where["blocks.0.att.time_decay"] == (2.0, 0.0)
+    assert where["emb.weight"] == (1.0, 0.1) and where["head.weight"] == (1.0, 0.1)
+    assert where["blocks.1.att.key.weight"] == (1.0, 0.1)
+    assert where["blocks.1.ln1.weight"] == (1.0, 0.0)
+    if version == 6:
+        assert where["blocks.0.att.time_decay_w1"] == (1.0, 0.0)
+        assert where["blocks.0.att.time_maa_w2"] == (1.0, 0.0)
+        assert where["blocks.0.att.time_faaaa"] == (1.0, 0.0)
+    else:
+        assert where["blocks.0.att.time_first"] == (3.0, 0.0)
+
+
+def test_export_loads_in_rwkv_package_with_matching_logits(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rd = tmp_path / "run"
+    module = run(data, rd, "trainer.max_steps=3", "model.vocab_size=256")
+    pth = export(rd, tmp_path / "out.pth")
+    sd = torch.load(pth, weights_only=True)
+    assert set(sd) == set(module.net.state_dict())
+
+    monkeypatch.setenv("RWKV_JIT_ON", "0")
+    monkeypatch.setenv("RWKV_CUDA_ON", "0")
+    monkeypatch.delenv("RWKV_V7_ON", raising=False)
+    from rwkv.model import RWKV as Reference
+
+    ref = Reference(model=str(pth.with_suffix("")), strategy="cpu fp32")
+    tokens = [5, 17, 99, 3, 0, 42, 7, 200]
+    ref_logits, _ = ref.forward(tokens, None, full_output=True)
+    ours = load_model(pth, wkv_backend="torch")
+    with torch.no_grad():
+        our_logits = ours(torch.tensor([tokens]))[0]
+    assert torch.allclose(our_logits, ref_logits.float(), atol=1e-4, rtol=1e-4)
+
+    # and the .pth is a valid starting point: model.init_from loads it exactly
+    start = run(
+        data,
+        tmp_path / "again",
+        "trainer.max_steps=1",
+        "model.vocab_size=256",
+        f"model.init_from={pth}",
+        "optim.lr_init=1e-12",
+        "optim.lr_final=1e-12",
+    )
+    for k, v in start.net.state_dict().items():
+        assert torch.allclose(v, sd[k], atol=1e-6), k
+
+
+def test_generate_stops_at_token_zero(data: Path, tmp_path: Path) -> None:
+    rd = tmp_path / "run"
+    run(data, rd, "trainer.max_steps=1")
+    net = load_model(rd, wkv_backend="torch")
+    ids = list(generate_ids(net, [5, 6], max_tokens=20, temperature=1.0, seed=1))
+    assert 0 not in ids and len(ids) <= 20
+    again = list(generate_ids(net, [5, 6], max_tokens=20, temperature=1.0, seed=1))
+    assert ids == again
+    assert load_weights(rd).keys() == net.state_dict().keys()
+
+
+def test_nonfinite_loss_stops_with_checkpoint(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    forward = RWKVLitModule.forward
+
+    def poisoned(self: RWKVLitModule, idx: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        out = forward(self, idx)
+        return out * float("nan") if calls["n"] >= 4 and self.training else out
+
+    monkeypatch.setattr(RWKVLitModule, "forward", poisoned)
+    rd = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        run(data, rd, "trainer.max_steps=20", "nonfinite.max_skips=2", "data.val_samples=0")
+    record = read_metrics(rd / "metrics.jsonl")
+    assert record[-1]["train/nonfinite_skipped"] == 3  # two skipped, the third stops
+    assert find_latest(rd / "checkpoints") is not None
+
+
+def test_wandb_offline_keeps_metrics_in_run_dir(data: Path, tmp_path: Path) -> None:
+    rd = tmp_path / "run"
+    run(data, rd, "trainer.max_steps=3", "logger=wandb", "logger.mode=offline")
+    run_id = (rd / "wandb_id.txt").read_text().strip()
+    (first,) = (rd / "wandb").glob(f"offline-run-*-{run_id}")
+    history = (first / f"run-{run_id}.wandb").read_bytes()  # protobuf records of the run
+    for key in (b"train/loss", b"optim/lr", b"optim/grad_norm", b"val/loss", b"val/ppl"):
+        assert key in history, key
+    # a resumed run logs into the same W&B run id
+    run(data, rd, "trainer.max_steps=4", "logger=wandb", "logger.mode=offline")
+    assert (rd / "wandb_id.txt").read_text().strip() == run_id
+    assert len(list((rd / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert len(list((rd / "wandb").glob("offline-run-*"))) == 2
+    text = " ".join(
+        p.read_text(errors="ignore") for p in rd.rglob("*") if p.suffix in (".yaml", ".txt")
+    )
+    assert "api_key" not in text.lower()
