@@ -112,7 +112,7 @@ class LoggerConfig:
     """W&B mode ("online", "offline", "disabled"); null leaves it to WANDB_MODE."""
     tags: list[str] = field(default_factory=list)
     log_samples_every_n_steps: int = 0
-    """Log a short generated sample to W&B every N steps (0: never)."""
+    """Log short RNN-mode samples to the W&B table `samples` every N steps (0: never)."""
 
 
 @dataclass

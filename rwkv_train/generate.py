@@ -53,15 +53,16 @@ def generate_ids(
     seed: int = 0,
 ) -> Iterator[int]:
     """Yields sampled token ids until max_tokens or token 0."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # its own RNG: sampling never moves training's
+    device = next(net.parameters()).device
     ids = prompt_ids or [0]  # an empty prompt starts as after a document's end
-    logits, state = net.forward_with_state(torch.tensor([ids]), None)
+    logits, state = net.forward_with_state(torch.tensor([ids], device=device), None)
     for _ in range(max_tokens):
-        tok = sample(logits[0, -1], temperature, top_p, gen)
+        tok = sample(logits[0, -1].float().cpu(), temperature, top_p, gen)
         if tok == 0:
             return
         yield tok
-        logits, state = net.forward_with_state(torch.tensor([[tok]]), state)
+        logits, state = net.forward_with_state(torch.tensor([[tok]], device=device), state)
 
 
 def generate_text(

@@ -20,11 +20,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rwkv_train.checkpoint import CheckpointManager, checkpoint_step, find_latest
-from rwkv_train.config import Plan, validate
+from rwkv_train.config import Plan, TrainConfig, validate
 from rwkv_train.data.loader import TokenDataModule
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
+from rwkv_train.samples import SampleLogger
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ def close_loggers(loggers: list) -> None:
 
             logger.experiment.finish()
             wandb.teardown()  # stops W&B's service process, which flushes the run's files
+
+
+def callbacks(tc: TrainConfig, run_dir: Path) -> list[L.Callback]:
+    """Checkpoints always; W&B text samples when the wandb logger asks for them."""
+    out: list[L.Callback] = [CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))]
+    if tc.logger.name == "wandb" and tc.logger.log_samples_every_n_steps > 0:
+        out.append(SampleLogger(tc.logger.log_samples_every_n_steps))
+    return out
 
 
 def resume_from(plan: Plan, run_dir: Path) -> Path | None:
@@ -131,7 +140,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         gradient_clip_val=tc.optim.grad_clip or None,
         deterministic=t.deterministic,
         logger=loggers,
-        callbacks=[CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))],
+        callbacks=callbacks(tc, run_dir),
         enable_checkpointing=False,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,

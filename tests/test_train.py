@@ -217,11 +217,19 @@ def test_nonfinite_loss_stops_with_checkpoint(
 
 def test_wandb_offline_keeps_metrics_in_run_dir(data: Path, tmp_path: Path) -> None:
     rd = tmp_path / "run"
-    run(data, rd, "trainer.max_steps=3", "logger=wandb", "logger.mode=offline")
+    run(
+        data,
+        rd,
+        "trainer.max_steps=3",
+        "logger=wandb",
+        "logger.mode=offline",
+        "logger.log_samples_every_n_steps=2",
+    )
     run_id = (rd / "wandb_id.txt").read_text().strip()
     (first,) = (rd / "wandb").glob(f"offline-run-*-{run_id}")
     history = (first / f"run-{run_id}.wandb").read_bytes()  # protobuf records of the run
-    for key in (b"train/loss", b"optim/lr", b"optim/grad_norm", b"val/loss", b"val/ppl"):
+    keys = (b"train/loss", b"optim/lr", b"optim/grad_norm", b"val/loss", b"val/ppl", b"samples")
+    for key in keys:
         assert key in history, key
     # a resumed run logs into the same W&B run id
     run(data, rd, "trainer.max_steps=4", "logger=wandb", "logger.mode=offline")

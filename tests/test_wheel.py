@@ -1,5 +1,6 @@
 """A non-editable install carries conf/ and cuda/ and works from any folder."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +32,13 @@ print("wheel ok")
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
+    # Build from a copy, so the build leaves nothing behind in the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "runs", "*_out"),
+    )
     dist = tmp_path / "dist"
     subprocess.run(
         [
@@ -43,7 +51,7 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
             "-q",
             "-w",
             str(dist),
-            str(ROOT),
+            str(src),
         ],
         check=True,
     )

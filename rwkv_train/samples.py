@@ -1,0 +1,58 @@
+"""Text samples logged to W&B while training: the quickest check that a run learns language.
+
+Every `logger.log_samples_every_n_steps` optimizer steps, rank 0 continues a few prompts in
+RNN mode and logs (step, prompt, text) rows to the W&B table `samples`. Sampling uses its
+own seeded generator and runs under no_grad in eval mode, so it changes neither the training
+RNG nor the weights: a resumed run stays bitwise identical with or without samples.
+"""
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from rwkv_train.generate import generate_text
+
+PROMPTS = ("\n", "The ", "def ")
+
+
+class SampleLogger(L.Callback):
+    """Logs short RNN-mode continuations of PROMPTS every `every_n_steps` optimizer steps."""
+
+    def __init__(self, every_n_steps: int, max_tokens: int = 64) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_tokens = max_tokens
+        self._last_step = -1
+        self._tokenizer = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step  # the callback runs once per micro-batch
+        if not trainer.is_global_zero:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        rows = [[step, p, self.sample(pl_module.net, p)] for p in PROMPTS]
+        for lg in loggers:
+            lg.log_text(key="samples", columns=["step", "prompt", "text"], data=rows, step=step)
+
+    def sample(self, net: torch.nn.Module, prompt: str) -> str:
+        """One continuation of `prompt`, sampled with a fixed seed."""
+        if self._tokenizer is None:
+            from data_prep.tokenizer import WorldTokenizer
+
+            self._tokenizer = WorldTokenizer()
+        if max(self._tokenizer.encode(prompt), default=0) >= net.cfg.vocab_size:
+            prompt = ""  # a model with a cut-down vocabulary (tests) starts from token 0
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                pieces = generate_text(
+                    net, prompt, self._tokenizer, max_tokens=self.max_tokens, seed=0
+                )
+                return "".join(pieces)
+        finally:
+            net.train(was_training)
