@@ -8,6 +8,14 @@ renamed, and a small step{S:08d}.json recording its size is written after the re
 job killed while saving leaves either nothing or a temporary file that is ignored. On
 `resume=auto` the newest checkpoint whose record exists, whose size matches and whose
 archive opens is used; any other is skipped with a warning.
+
+Under DeepSpeed ZeRO a checkpoint is a folder of the same name: every rank writes its own
+partition (zero_pp_rank_{R}_*_optim_states.pt, and under stage 3 its parameters) into the
+temporary folder, all ranks meet at a barrier, and only then does rank 0 rename the folder
+and write the record (which also holds the world size). A folder is valid when its record
+exists, its size matches and one optimizer partition per rank is present. Partitions only
+fit the world size they were written with, so resuming with another number of ranks is
+refused by `check_resumable` (export the weights and start a new run from them instead).
 """
 
 import json
@@ -23,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step(\d{8})\.ckpt$")
+_SHARD = re.compile(r"^zero_pp_rank_(\d+)_.*optim_states\.pt$")
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -33,6 +42,15 @@ def _size(path: Path) -> int:
     if path.is_dir():  # sharded strategies save a folder
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
+
+
+def shard_ranks(path: Path) -> set[int]:
+    """The ranks whose ZeRO optimizer partitions a checkpoint folder holds."""
+    return {int(m.group(1)) for p in path.rglob("*") if (m := _SHARD.match(p.name))}
+
+
+def _record(path: Path) -> dict:
+    return json.loads(path.with_suffix(".json").read_text())
 
 
 def is_valid(path: Path) -> tuple[bool, str]:
@@ -46,6 +64,10 @@ def is_valid(path: Path) -> tuple[bool, str]:
         return False, "unreadable completion record"
     if not path.exists() or _size(path) != meta.get("bytes"):
         return False, "size differs from the completion record (truncated or changed)"
+    if path.is_dir():
+        world = meta.get("world_size", 1)
+        if shard_ranks(path) != set(range(world)):
+            return False, f"does not hold the ZeRO partitions of all {world} ranks"
     if path.is_file():
         try:  # mmap reads only the archive's directory: cheap even for large files
             torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -70,6 +92,32 @@ def find_latest(folder: Path) -> Path | None:
             return path
         log.warning("skipping checkpoint %s of step %d: %s", path, step, reason)
     return None
+
+
+def check_resumable(path: Path, world_size: int, zero_stage: int) -> None:
+    """Refuse, with what to do instead, a checkpoint this run's strategy cannot continue."""
+    sharded = Path(path).is_dir()
+    if sharded and zero_stage == 0:
+        raise ValueError(
+            f"{path} is a DeepSpeed ZeRO checkpoint but this run has deepspeed=none: resume with "
+            "the deepspeed config it was written with, or export it (python -m "
+            "rwkv_train.export) and start from the .pth with model.init_from"
+        )
+    if not sharded and zero_stage > 0:
+        raise ValueError(
+            f"{path} is a single-file checkpoint but this run uses ZeRO stage {zero_stage}: "
+            "resume with the strategy it was written with (deepspeed=none), or start a new run "
+            "from its exported weights with model.init_from"
+        )
+    if sharded:
+        saved = _record(Path(path)).get("world_size", 1)
+        if saved != world_size:
+            raise ValueError(
+                f"{path} was written by {saved} ranks, this run has {world_size} "
+                "(trainer.devices x trainer.num_nodes): ZeRO partitions only fit the world size "
+                f"that wrote them. Resume with {saved} ranks, or export the weights (python -m "
+                "rwkv_train.export) and start a new run from them with model.init_from"
+            )
 
 
 def checkpoint_step(path: Path) -> int:
@@ -118,16 +166,21 @@ class CheckpointManager(L.Callback):
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             _remove(tmp)
+        trainer.strategy.barrier()  # the temporary name is free before anyone writes
         trainer.save_checkpoint(tmp, weights_only=False)
+        for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
+            with open(f, "rb") as fh:  # each rank syncs what it wrote (a folder: all it sees)
+                os.fsync(fh.fileno())
+        trainer.strategy.barrier()  # every rank's partition is on disk before the rename
         if trainer.is_global_zero:
-            if tmp.is_file():
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
             _remove(final)
             os.replace(tmp, final)
             size = _size(final)
             record = final.with_suffix(".json")
-            record.with_suffix(".json.tmp").write_text(json.dumps({"step": step, "bytes": size}))
+            meta = {"step": step, "bytes": size}
+            if final.is_dir():
+                meta["world_size"] = trainer.world_size
+            record.with_suffix(".json.tmp").write_text(json.dumps(meta))
             os.replace(record.with_suffix(".json.tmp"), record)
             log.info("saved checkpoint %s (step %d, %.1f MiB)", final, step, size / 2**20)
             for _, old in list_checkpoints(self.folder)[: -self.keep_last]:

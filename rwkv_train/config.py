@@ -39,6 +39,9 @@ class DataConfig:
     """DataLoader worker processes per rank (0 reads in the training process)."""
     val_samples: int = 64
     """Chunks of the val shards evaluated at each validation (0 disables validation)."""
+    record_sample_ids: bool = False
+    """Debugging: append the global sample indices each rank reads to
+    run_dir/sample_ids/rank{R}.txt (one micro-batch a line), to check rank disjointness."""
 
 
 @dataclass
@@ -46,10 +49,12 @@ class TrainerConfig:
     accelerator: str = "cpu"
     """"cpu", "gpu" or "auto" (Lightning's names)."""
     devices: int = 1
-    """Devices per node; this trainer is single-process, so 1 (the DeepSpeed strategy uses more)."""
+    """Devices (one process each) per node."""
     num_nodes: int = 1
+    """Nodes; world size = devices x num_nodes."""
     strategy: str = "auto"
-    """Lightning strategy name; the seam where multi-process strategies plug in."""
+    """Lightning strategy name when `deepspeed.stage` is 0: "auto" is one process for one
+    device and plain DDP for more. With a ZeRO stage the DeepSpeed strategy is used."""
     precision: str = "32-true"
     """Lightning precision: "32-true" on CPU, "bf16-mixed" on GPU."""
     max_steps: int = 100
@@ -103,6 +108,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO (conf/deepspeed/*.yaml); stage 0 means no DeepSpeed."""
+
+    stage: int = 0
+    """ZeRO stage: 0 off (trainer.strategy decides), 1 optimizer state, 2 + gradients,
+    3 + parameters partitioned across ranks."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its step) in CPU memory (stages 1-3)."""
+    offload_params: bool = False
+    """Keep partitioned parameters in CPU memory (stage 3 only)."""
+    reduce_bucket_size: float = 2e8
+    """Elements per gradient reduce bucket (about 2e6 suits consumer GPUs, 2e8 A100/H100)."""
+    allgather_bucket_size: float = 2e8
+    """Elements per all-gather bucket (stage 3: the parameter prefetch bucket)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass."""
+    param_persistence_threshold: float = 1e5
+    """Stage 3: parameters smaller than this stay whole on every rank."""
+    pin_memory: bool = False
+    """Pin offloaded CPU memory (faster GPU transfers, more host memory)."""
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"
     """"none" (metrics.jsonl only) or "wandb"."""
@@ -118,7 +146,9 @@ class LoggerConfig:
 @dataclass
 class NonFiniteConfig:
     policy: str = "skip"
-    """"skip": drop the step and count it; "stop": checkpoint and stop at the first one."""
+    """"skip": drop the step and count it; "stop": checkpoint and stop at the first one.
+    With several ranks a non-finite loss on any rank stops the run (a step cannot be skipped
+    across ranks)."""
     max_skips: int = 10
     """With "skip", stop (with a checkpoint and a message) after this many non-finite losses."""
 
@@ -140,6 +170,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
 
@@ -200,9 +231,15 @@ def data_sources(path: Any) -> list[tuple[str, float]]:
     raise ConfigError("data.path", f"expected a path or a list of {{path, weight}}, got {path!r}")
 
 
-def validate(cfg: DictConfig, world_size: int = 1) -> Plan:
-    """Check a composed config against the schema and the data; fail naming the field."""
+def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
+    """Check a composed config against the schema and the data; fail naming the field.
+    `world_size` defaults to trainer.devices x trainer.num_nodes."""
     tc = to_schema(cfg)
+    for name in ("devices", "num_nodes"):
+        if getattr(tc.trainer, name) < 1:
+            raise ConfigError(f"trainer.{name}", "must be at least 1")
+    if world_size is None:
+        world_size = tc.trainer.devices * tc.trainer.num_nodes
     arch = dict(tc.model)
     init_from = arch.pop("init_from", None)
     try:
@@ -263,11 +300,27 @@ def validate(cfg: DictConfig, world_size: int = 1) -> Plan:
         raise ConfigError("nonfinite.policy", f"{tc.nonfinite.policy!r} is not skip or stop")
     if tc.logger.name not in ("none", "wandb"):
         raise ConfigError("logger.name", f"{tc.logger.name!r} is not none or wandb")
+    ds = tc.deepspeed
+    if ds.stage not in (0, 1, 2, 3):
+        raise ConfigError("deepspeed.stage", f"{ds.stage} is not 0, 1, 2 or 3")
+    if ds.offload_params and ds.stage != 3:
+        raise ConfigError("deepspeed.offload_params", "needs deepspeed.stage=3")
+    if ds.offload_optimizer and ds.stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer", "needs a ZeRO stage (deepspeed.stage)")
+    if ds.stage and t.strategy != "auto":
+        raise ConfigError(
+            "trainer.strategy",
+            f"{t.strategy!r} with deepspeed.stage={ds.stage}: pick one (deepspeed=none)",
+        )
     resume = str(tc.resume)
     if resume not in ("auto", "none") and not Path(resume).exists():
         raise ConfigError("resume", f"no checkpoint at {resume}")
     if init_from is not None and not Path(init_from).is_file():
         raise ConfigError("model.init_from", f"no file at {init_from}")
+    if init_from is not None and ds.stage == 3:
+        raise ConfigError(
+            "model.init_from", "is not supported with deepspeed.stage=3 yet; start under zero2"
+        )
     if model.ctx_len != d.ctx_len:
         model = RWKVConfig.from_dict({**model.to_dict(), "ctx_len": d.ctx_len})
     return Plan(tc, model, sources, accumulate, world_size, init_from)

@@ -5,7 +5,9 @@
 A run folder means its newest valid checkpoint. The .pth is the model's state_dict (its names
 and shapes already follow the reference layout) with no optimizer state and no config: the
 `rwkv` package, RWKV-LM and `RWKVConfig.from_state_dict` read the architecture from the
-tensors. Use fp32 for parity checks (the `rwkv` package applies ln0 in the file's dtype).
+tensors. A DeepSpeed ZeRO checkpoint (a folder of per-rank partitions) is consolidated from
+its fp32 master weights with DeepSpeed's zero_to_fp32 helpers, on the CPU, in one process.
+Use fp32 for parity checks (the `rwkv` package applies ln0 in the file's dtype).
 """
 
 import argparse
@@ -26,7 +28,7 @@ PREFIX = "net."  # the LightningModule holds the model as `net`
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the newest valid one of a run folder (or its checkpoints/)."""
     p = Path(path)
-    if p.is_dir() and not (p / "checkpoint").exists():  # a run folder, not a sharded ckpt
+    if p.is_dir() and not (p / "latest").exists():  # a run folder, not a ZeRO checkpoint
         folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         found = find_latest(folder)
         if found is None:
@@ -37,10 +39,20 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
+def load_zero_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state_dict of a ZeRO (stage 1-3) checkpoint folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path))  # the tag named in `latest`
+
+
 def load_checkpoint_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights of a training checkpoint, under their reference names."""
-    ckpt = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=False)
-    sd = ckpt["state_dict"]
+    p = resolve_checkpoint(path)
+    if p.is_dir():
+        sd = load_zero_weights(p)
+    else:
+        sd = torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
     return {k.removeprefix(PREFIX): v for k, v in sd.items() if k.startswith(PREFIX)}
 
 
@@ -56,7 +68,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") 
     """Write the weights of `src` to `out` in `dtype`; returns the output path."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in load_weights(src).items()}
+    sd = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in load_weights(src).items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -6,6 +6,11 @@ memory), computes the loss as the mean over every target token of the global bat
 (Lightning divides each micro-batch's mean by the accumulation count, and all micro-batches
 hold the same number of tokens), adds L2Wrap, owns the optimizer groups and the LR schedule,
 and writes one record of metrics per optimizer step.
+
+Under several ranks the logged loss and performance figures are reduced across ranks (see
+`_reduce_across_ranks`); under DeepSpeed the engine clips gradients itself (its
+`gradient_clipping` is optim.grad_clip) and reports the global norm; under ZeRO-3 the net is
+built partitioned (see `configure_model`).
 """
 
 import logging
@@ -75,6 +80,36 @@ def architecture(cfg: RWKVConfig) -> dict[str, Any]:
     return d
 
 
+def _init_partitioned(net: RWKV) -> None:
+    """`net.init_weights()` for a model whose parameters ZeRO-3 has partitioned.
+
+    zero.Init casts every float tensor that torch constructors make (torch.arange ...) to
+    its dtype, so the constructors' own initialisation ran partly in fp32 where the init
+    formulas use fp64. This repeats `init_weights()` (children first, registration order)
+    with those constructors restored, gathering the parameters of one initialising module
+    (its subtree: a time-mix sets its ln_x) at a time: the weights are bitwise those of an
+    eager build, and at most one layer's time-mix or channel-mix is ever whole.
+    """
+    from deepspeed import zero
+    from deepspeed.runtime.zero.partition_parameters import (
+        restore_init_context,
+        shutdown_init_context,
+    )
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+        if hasattr(module, "reset_parameters"):
+            with zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                module.reset_parameters()
+
+    shutdown_init_context()
+    try:
+        visit(net)
+    finally:
+        restore_init_context()
+
+
 class RWKVLitModule(L.LightningModule):
     """Training of one RWKV model under a `TrainConfig` (see rwkv_train/config.py)."""
 
@@ -106,9 +141,26 @@ class RWKVLitModule(L.LightningModule):
         self._val_count = 0
 
     # ------------------------------------------------------------------ model
+    def _zero_stage(self) -> int:
+        return self.cfg.deepspeed.stage
+
     def configure_model(self) -> None:
-        """Build on the meta device, then allocate on the strategy's device and initialise."""
+        """Build on the meta device, then allocate on the strategy's device and initialise.
+
+        Under ZeRO-3, Lightning runs this inside `deepspeed.zero.Init`, which allocates each
+        submodule's parameters as it is constructed and partitions them across ranks at once,
+        so the whole model never exists on one rank (see `_init_partitioned`).
+        """
         if self.net is not None:
+            return
+        if self._zero_stage() == 3:
+            if self.init_from:
+                raise ValueError("model.init_from is not supported with deepspeed.stage=3")
+            rng = torch.get_rng_state()
+            net = RWKV(self.model_cfg)
+            torch.set_rng_state(rng)  # initialise from the RNG state a meta build would see
+            _init_partitioned(net)
+            self.net = net
             return
         with torch.device("meta"):
             net = RWKV(self.model_cfg)
@@ -128,7 +180,16 @@ class RWKVLitModule(L.LightningModule):
         x, y = batch  # (B, T), (B, T)
         logits = self(x)  # (B, T, V) float32
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        if not torch.isfinite(loss):
+        if self.trainer.world_size > 1:
+            # Every rank must take the same branch, and Lightning cannot skip a step across
+            # ranks: a non-finite loss on any rank stops the run on all of them (the last
+            # checkpoint holds the state before it). The zero loss keeps the collectives of
+            # this last step in line; its update is never saved.
+            bad = (~torch.isfinite(loss.detach())).float()
+            if self.trainer.strategy.reduce(bad, reduce_op="max") > 0:
+                self._on_nonfinite(loss, stop=True)
+                return sum(p.sum() for p in self.net.parameters()) * 0.0
+        elif not torch.isfinite(loss):
             self._on_nonfinite(loss)
             return None
         self._loss_sum = self._loss_sum + loss.detach()
@@ -136,7 +197,7 @@ class RWKVLitModule(L.LightningModule):
             loss = L2Wrap.apply(loss, logits, self.cfg.optim.l2wrap)
         return loss
 
-    def _on_nonfinite(self, loss: Tensor) -> None:
+    def _on_nonfinite(self, loss: Tensor, stop: bool = False) -> None:
         self.nonfinite_count += 1
         nf = self.cfg.nonfinite
         step = self.trainer.global_step
@@ -146,7 +207,7 @@ class RWKVLitModule(L.LightningModule):
             step,
             self.nonfinite_count,
         )
-        if nf.policy == "stop" or self.nonfinite_count > nf.max_skips:
+        if stop or nf.policy == "stop" or self.nonfinite_count > nf.max_skips:
             self.stop_reason = (
                 f"stopped at step {step}: {self.nonfinite_count} non-finite losses "
                 f"(nonfinite.policy={nf.policy}, max_skips={nf.max_skips}); the last checkpoint "
@@ -158,7 +219,10 @@ class RWKVLitModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None, **_: Any
     ) -> None:
-        """Clip to optim.grad_clip and keep the pre-clip global norm for the logs."""
+        """Clip to optim.grad_clip and keep the pre-clip global norm for the logs (DeepSpeed
+        clips inside its engine, which computes the norm over every rank's partition)."""
+        if self._zero_stage() > 0:
+            return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         limit = self.cfg.optim.grad_clip or float("inf")
         if params:
@@ -189,6 +253,15 @@ class RWKVLitModule(L.LightningModule):
         step = self.trainer.global_step  # already counts the step just taken
         loss = float(self._loss_sum) / self.accumulate
         self._micro, self._loss_sum = 0, 0.0
+        world = self.trainer.world_size
+        if self._zero_stage() > 0:
+            norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            self._grad_norm = float("nan") if norm is None else float(norm)
+        local_tokens = self.tokens_per_step // world
+        rates = self._throughput.step_end(local_tokens)
+        memory = max_memory_gib(self.device)
+        if world > 1:
+            loss, rates, memory = self._reduce_across_ranks(loss, rates, memory)
         metrics = {
             "train/loss": loss,
             "optim/lr": self.cfg.optim.lr_init * self.schedule(step - 1),
@@ -196,22 +269,41 @@ class RWKVLitModule(L.LightningModule):
             "train/tokens_seen": step * self.tokens_per_step,
             "train/nonfinite_skipped": self.nonfinite_count,
         }
-        world = self.trainer.world_size
-        local_tokens = self.tokens_per_step // world
-        rates = self._throughput.step_end(local_tokens)
         if rates:
-            tps = rates["tokens_per_sec"]
+            tps = rates["tokens_per_sec"]  # per device (the mean over ranks)
             metrics["perf/tokens_per_sec_per_device"] = tps
-            metrics["perf/tokens_per_sec"] = tps * world
+            metrics["perf/tokens_per_sec"] = rates.get("tokens_per_sec_total", tps * world)
             metrics["perf/data_wait_pct"] = rates["data_wait_pct"]
+            if "data_wait_pct_max" in rates:
+                metrics["perf/data_wait_pct_max"] = rates["data_wait_pct_max"]
             peak = peak_flops(self.device, self.cfg.trainer.peak_flops)
             if peak:
                 metrics["perf/mfu"] = tps * self.model_cfg.flops_per_token() / peak
-            self.log("tok/s", tps * world, prog_bar=True, logger=False)
-        metrics["mem/max_reserved_gib"] = max_memory_gib(self.device)
+            self.log("tok/s", metrics["perf/tokens_per_sec"], prog_bar=True, logger=False)
+        metrics["mem/max_reserved_gib"] = memory
         self.log("loss", loss, prog_bar=True, logger=False)
         if step % self.cfg.trainer.log_every_n_steps == 0 or step == self.trainer.max_steps:
             self._log_metrics(metrics, step)
+
+    def _reduce_across_ranks(
+        self, loss: float, rates: dict[str, float], memory: float
+    ) -> tuple[float, dict[str, float], float]:
+        """The global batch's loss (mean of the ranks' equal-sized shares), tokens/s summed
+        and per device (mean), data wait (mean and worst rank) and memory (worst rank).
+        Every rank calls this at every optimizer step (it is a collective)."""
+        tps, wait = rates.get("tokens_per_sec", 0.0), rates.get("data_wait_pct", 0.0)
+        local = torch.tensor([loss, tps, wait, memory], dtype=torch.float64, device=self.device)
+        table = self.trainer.strategy.all_gather(local).reshape(-1, 4).cpu()  # (ranks, 4)
+        mean, high = table.mean(0).tolist(), table.max(0).values.tolist()
+        out = {}
+        if rates:
+            out = {
+                "tokens_per_sec": mean[1],
+                "tokens_per_sec_total": float(table[:, 1].sum()),
+                "data_wait_pct": mean[2],
+                "data_wait_pct_max": high[2],
+            }
+        return mean[0], out, high[3]
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.trainer.is_global_zero:

@@ -27,9 +27,10 @@ def param_groups(net: nn.Module, cfg: OptimConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         mult = float(cfg.lr_mult.get(name.rsplit(".", 1)[-1], 1.0))
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape here
         decay = (
             cfg.weight_decay > 0
-            and p.squeeze().dim() >= 2
+            and sum(n > 1 for n in shape) >= 2
             and not any(pat in name for pat in cfg.no_decay)
         )
         buckets.setdefault((mult, decay), []).append(p)

@@ -13,13 +13,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rwkv_train.checkpoint import CheckpointManager, checkpoint_step, find_latest
+from rwkv_train.checkpoint import CheckpointManager, check_resumable, checkpoint_step, find_latest
 from rwkv_train.config import Plan, TrainConfig, validate
 from rwkv_train.data.loader import TokenDataModule
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
@@ -38,15 +41,16 @@ def make_loggers(plan: Plan, run_dir: Path) -> list:
         from lightning.pytorch.loggers import WandbLogger
 
         id_file = run_dir / "wandb_id.txt"
-        if not id_file.exists():
+        if rank_zero_only.rank == 0 and not id_file.exists():  # other ranks never log to W&B
             id_file.write_text(secrets.token_hex(6))  # [0-9a-f]: valid as a W&B run id
+        run_id = id_file.read_text().strip() if id_file.exists() else None
         kwargs = {"mode": lc.mode} if lc.mode else {}
         loggers.append(
             WandbLogger(
                 project=lc.project,
                 entity=lc.entity,
                 name=plan.cfg.name,
-                id=id_file.read_text().strip(),
+                id=run_id,
                 resume="allow",
                 save_dir=str(run_dir),
                 tags=list(lc.tags),
@@ -75,6 +79,19 @@ def callbacks(tc: TrainConfig, run_dir: Path) -> list[L.Callback]:
     if tc.logger.name == "wandb" and tc.logger.log_samples_every_n_steps > 0:
         out.append(SampleLogger(tc.logger.log_samples_every_n_steps))
     return out
+
+
+def make_strategy(tc: TrainConfig) -> Strategy | str:
+    """DeepSpeed when a ZeRO stage is chosen, else `trainer.strategy` ("auto" becomes plain
+    DDP when there is more than one process)."""
+    t = tc.trainer
+    if tc.deepspeed.stage > 0:
+        from rwkv_train.strategy import RWKVDeepSpeedStrategy, deepspeed_config
+
+        return RWKVDeepSpeedStrategy(config=deepspeed_config(tc))
+    if t.strategy == "auto" and t.devices * t.num_nodes > 1:
+        return "ddp"
+    return t.strategy
 
 
 def resume_from(plan: Plan, run_dir: Path) -> Path | None:
@@ -118,8 +135,11 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         tc.seed,
         tc.data.num_workers,
         tc.data.val_samples,
+        run_dir / "sample_ids" if tc.data.record_sample_ids else None,
     )
     ckpt = resume_from(plan, run_dir)
+    if ckpt is not None:
+        check_resumable(ckpt, plan.world_size, tc.deepspeed.stage)
     loggers = make_loggers(plan, run_dir)
     if ckpt is not None:
         log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
@@ -132,7 +152,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=make_strategy(tc),
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=-1,
@@ -155,6 +175,8 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=False)
     finally:
         close_loggers(loggers)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # else gloo may abort at interpreter exit
     if module.stop_reason:
         raise NonFiniteLossError(module.stop_reason)
     return module

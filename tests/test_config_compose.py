@@ -112,6 +112,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("+data.nonsense=1", "data.nonsense"),
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("model.init_from=/nonexistent.pth", "model.init_from"),
+        ("deepspeed.stage=5", "deepspeed.stage"),
+        ("+deepspeed.offload_params=true", "deepspeed.offload_params"),
     ],
 )
 def test_bad_config_names_the_field(data: Path, tmp_path: Path, override: str, field: str) -> None:

@@ -148,6 +148,20 @@ def test_optimizer_groups_follow_the_reference(version: int) -> None:
         assert where["blocks.0.att.time_first"] == (3.0, 0.0)
 
 
+def test_optimizer_groups_see_through_zero3_partitions() -> None:
+    """ZeRO-3 leaves each rank a flat shard; the decay choice must use the full shape."""
+    net = RWKV(RWKVConfig(version=6, n_layer=1, n_embd=64, vocab_size=64))
+    full = {n: p.shape for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.ds_shape = p.shape  # what deepspeed.zero.Init records before partitioning
+        p.data = p.data.flatten()[:1]
+    cfg = OptimConfig(weight_decay=0.1)
+    where = {n: g["weight_decay"] for g in param_groups(net, cfg) for n in g["names"]}
+    assert where["head.weight"] == 0.1 and len(full["head.weight"]) == 2
+    assert where["blocks.0.att.key.weight"] == 0.1
+    assert where["blocks.0.att.time_decay"] == 0.0  # (1, 1, C): one non-unit dimension
+
+
 def test_export_loads_in_rwkv_package_with_matching_logits(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

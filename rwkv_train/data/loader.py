@@ -1,12 +1,32 @@
 """The LightningDataModule: DataLoaders over the train mixture and the val shards."""
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from rwkv_train.data.dataset import ChunkDataset, SequentialChunks, TokenStream
 from rwkv_train.data.manifest import Manifest
 from rwkv_train.data.sampler import StepBatchSampler
+
+
+class RecordingSampler(Sampler[list[int]]):
+    """Passes a batch sampler's micro-batches through and appends each to a text file (one
+    line of global indices per micro-batch): `data.record_sample_ids`, a debugging aid that
+    shows which samples every rank read."""
+
+    def __init__(self, inner: Sampler[list[int]], path: Path) -> None:
+        self.inner = inner
+        self.path = path
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for batch in self.inner:
+            with self.path.open("a") as f:
+                f.write(" ".join(map(str, batch)) + "\n")
+            yield batch
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -27,6 +47,7 @@ class TokenDataModule(L.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         val_samples: int = 0,
+        sample_ids_dir: Path | None = None,
     ) -> None:
         super().__init__()
         self.manifests = manifests
@@ -37,6 +58,7 @@ class TokenDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.val_samples = val_samples
+        self.sample_ids_dir = sample_ids_dir
         self.train_set = ChunkDataset(
             [TokenStream(m.train) for m in manifests], weights, ctx_len, seed
         )
@@ -65,9 +87,11 @@ class TokenDataModule(L.LightningDataModule):
         return StepBatchSampler(self.micro_batch_size, world, rank, self.accumulate, start)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_sampler=self.train_sampler(), **self._loader_kwargs()
-        )
+        sampler: Sampler[list[int]] = self.train_sampler()
+        if self.sample_ids_dir is not None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            sampler = RecordingSampler(sampler, self.sample_ids_dir / f"rank{rank}.txt")
+        return DataLoader(self.train_set, batch_sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

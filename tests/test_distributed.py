@@ -1,0 +1,296 @@
+"""Two-process training on the CPU: DeepSpeed ZeRO-2 and ZeRO-3 over gloo, as on a GPU node.
+
+Each run is `python -m rwkv_train.train ... trainer.devices=2 deepspeed=zeroN` in a
+subprocess (Lightning's launcher starts rank 1 by re-running that command line), with one
+intra-op thread per rank and a free MASTER_PORT. The runs are shared by the tests below.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from train_utils import tiny_data, train_overrides
+
+from rwkv_train.checkpoint import check_resumable, find_latest, list_checkpoints
+from rwkv_train.export import export, load_checkpoint_weights
+from rwkv_train.generate import load_model
+from rwkv_train.metrics import read_metrics
+from rwkv_train.train import compose_config, train
+
+pytestmark = pytest.mark.slow
+
+EVERY, STEPS = 3, 8  # ZeRO-3 run: checkpoints at 3, 6 and 8
+SAME = ["data.micro_batch_size=1", "data.global_batch_size=2", "data.val_samples=0"]
+# buckets sized for a tiny model: 2e8-element buckets cost seconds per step on a CPU
+SMALL_BUCKETS = ["deepspeed.reduce_bucket_size=2e6", "deepspeed.allgather_bucket_size=2e6"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    overrides = train_overrides(data, run_dir, *SAME, "trainer.devices=2", *extra, *SMALL_BUCKETS)
+    return [sys.executable, "-m", "rwkv_train.train", *overrides]
+
+
+def environment() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def launch(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def zero3_command(data: Path, run_dir: Path) -> list[str]:
+    return command(
+        data,
+        run_dir,
+        "deepspeed=zero3",
+        f"trainer.max_steps={STEPS}",
+        f"checkpoint.every_n_steps={EVERY}",
+        "data.record_sample_ids=true",
+    )
+
+
+def history(run_dir: Path) -> list[tuple[int, float]]:
+    try:
+        records = read_metrics(run_dir / "metrics.jsonl")
+    except (FileNotFoundError, ValueError):  # not written yet, or a line being written
+        return []
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    data = tiny_data(root / "data")
+    zero2, zero3 = root / "zero2", root / "zero3"
+    launch(
+        command(
+            data,
+            zero2,
+            "deepspeed=zero2",
+            "trainer.max_steps=4",
+            "checkpoint.every_n_steps=2",
+            "data.record_sample_ids=true",
+        ),
+        root,
+    )
+    launch(zero3_command(data, zero3), root)
+    return {"root": root, "data": data, "zero2": zero2, "zero3": zero3}
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_runs_write_rank_partitions_and_read_disjoint_samples(
+    runs: dict[str, Path], name: str
+) -> None:
+    run_dir = runs[name]
+    ckpt = find_latest(run_dir / "checkpoints")
+    assert ckpt is not None and ckpt.is_dir()
+    shards = sorted(p.name for p in ckpt.rglob("zero_pp_rank_*"))
+    assert any(s.startswith("zero_pp_rank_0_") for s in shards), shards
+    assert any(s.startswith("zero_pp_rank_1_") for s in shards), shards
+    if name == "zero3":  # parameters are partitioned too
+        assert sum("model_states" in s for s in shards) == 2, shards
+
+    ids = [
+        [
+            int(i)
+            for ln in (run_dir / "sample_ids" / f"rank{r}.txt").read_text().split("\n")
+            for i in ln.split()
+        ]
+        for r in (0, 1)
+    ]
+    steps = max(s for s, _ in history(run_dir))
+    assert not set(ids[0]) & set(ids[1])
+    # one sample per rank per step (micro 1, global 2): together every index, none twice
+    assert sorted(ids[0][:steps] + ids[1][:steps]) == list(range(2 * steps))
+    assert [s for s, _ in history(run_dir)] == list(range(1, steps + 1))
+
+
+def test_two_ranks_equal_one_rank_accumulating_two(runs: dict[str, Path]) -> None:
+    """Same samples per step, gradients averaged over ranks instead of accumulated: fp32
+    weights agree up to summation order (atol 1e-5 after 4 AdamW steps of the tiny model)."""
+    one = runs["root"] / "one_rank"
+    overrides = train_overrides(
+        runs["data"], one, *SAME, "trainer.max_steps=4", "checkpoint.every_n_steps=2"
+    )
+    module = train(compose_config(overrides))
+    assert module.accumulate == 2
+    ours = load_checkpoint_weights(runs["zero2"] / "checkpoints" / "step00000004.ckpt")
+    ref = module.net.state_dict()
+    assert set(ours) == set(ref)
+    for k, v in ref.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=1e-5), (k, (ours[k] - v).abs().max())
+    one_loss = [loss for _, loss in history(one)]
+    two_loss = [loss for _, loss in history(runs["zero2"])]
+    assert one_loss == pytest.approx(two_loss, abs=1e-5)
+
+
+def test_sigkill_after_checkpoint_then_resume_zero3(runs: dict[str, Path]) -> None:
+    run_dir = runs["root"] / "killed"
+    proc = subprocess.Popen(
+        zero3_command(runs["data"], run_dir),
+        cwd=runs["root"],
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # both ranks in one process group, killed together
+    )
+    deadline = time.time() + 300
+    while (
+        max((s for s, _ in history(run_dir)), default=0) <= EVERY
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(s for s, _ in history(run_dir))
+    assert EVERY < killed_at < 2 * EVERY, f"killed at step {killed_at}, not between checkpoints"
+    assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [EVERY]
+
+    again = launch(zero3_command(runs["data"], run_dir), runs["root"])
+    assert f"(step {EVERY})" in again.stdout + again.stderr, "the log must say where it resumed"
+    assert history(run_dir) == history(runs["zero3"])
+    final = f"step{STEPS:08d}.ckpt"
+    a = load_checkpoint_weights(runs["zero3"] / "checkpoints" / final)
+    b = load_checkpoint_weights(run_dir / "checkpoints" / final)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nonfinite_loss_stops_every_rank(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A step cannot be skipped across ranks: all of them stop, with the message, no hang."""
+    pth = export(runs["zero2"], tmp_path / "poisoned.pth")
+    sd = torch.load(pth, weights_only=True)
+    sd["head.weight"][0, 0] = float("nan")  # every logit row gets a NaN: the loss is NaN
+    torch.save(sd, pth)
+    cmd = command(
+        runs["data"],
+        tmp_path / "run",
+        "deepspeed=zero2",
+        "trainer.max_steps=4",
+        f"model.init_from={pth}",
+    )
+    done = subprocess.run(
+        cmd, cwd=runs["root"], env=environment(), capture_output=True, text=True, timeout=240
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "NonFiniteLossError: stopped at step 0: 1 non-finite losses" in out, out[-3000:]
+
+
+def test_partial_zero_checkpoint_skipped_and_world_size_change_refused(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    src = runs["zero3"] / "checkpoints"
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(src, folder)
+    newest = find_latest(folder)
+    assert newest is not None and newest.name == f"step{STEPS:08d}.ckpt"
+    check_resumable(newest, 2, 3)
+    with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):
+        check_resumable(newest, 1, 3)
+    with pytest.raises(ValueError, match="deepspeed=none"):
+        check_resumable(newest, 2, 0)
+    next(newest.rglob("zero_pp_rank_1_*optim_states.pt")).unlink()  # rank 1 never finished
+    assert find_latest(folder) == folder / f"step{2 * EVERY:08d}.ckpt"
+
+
+def test_zero3_export_loads_in_rwkv_package(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pth = export(runs["zero3"], tmp_path / "out.pth")
+    sd = torch.load(pth, weights_only=True)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    monkeypatch.setenv("RWKV_JIT_ON", "0")
+    monkeypatch.setenv("RWKV_CUDA_ON", "0")
+    monkeypatch.delenv("RWKV_V7_ON", raising=False)
+    from rwkv.model import RWKV as Reference
+
+    ref = Reference(model=str(pth.with_suffix("")), strategy="cpu fp32")
+    tokens = [5, 17, 99, 3, 0, 42, 7, 120]
+    ref_logits, _ = ref.forward(tokens, None, full_output=True)
+    ours = load_model(pth, wkv_backend="torch")
+    with torch.no_grad():
+        our_logits = ours(torch.tensor([tokens]))[0]
+    assert torch.allclose(our_logits, ref_logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def _build_partitioned(rank: int, port: int, out: str) -> None:
+    """One rank: configure_model under deepspeed.zero.Init, then gather the full weights."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from rwkv_train.config import validate
+    from rwkv_train.lit_module import RWKVLitModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    deepspeed.init_distributed("gloo", dist_init_required=False)
+    plan = validate(compose_config(build_overrides(out)))
+    module = RWKVLitModule(plan.cfg, plan.model, plan.accumulate)
+    torch.manual_seed(plan.cfg.seed)
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        module.configure_model()
+    net = module.net
+    local = {n: p.ds_tensor.numel() for n, p in net.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(net.parameters())):
+        full = {n: p.detach().clone() for n, p in net.named_parameters()}
+    if rank == 0:
+        torch.save({"local": local, "full": full}, out)
+    dist.destroy_process_group()
+
+
+def build_overrides(out: str) -> list[str]:
+    data = Path(out).parent / "data"
+    run_dir = Path(out).parent / "run"
+    return train_overrides(data, run_dir, *SAME, "deepspeed=zero3", "trainer.devices=2")
+
+
+def test_zero3_partitioned_build_equals_eager_build(tmp_path: Path) -> None:
+    tiny_data(tmp_path / "data")
+    out = str(tmp_path / "built.pt")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_build_partitioned, args=(free_port(), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+
+    from rwkv_train.config import validate
+    from rwkv_train.model import RWKV
+
+    plan = validate(compose_config(build_overrides(out)))
+    torch.manual_seed(plan.cfg.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks: LAPACK's QR (orthogonal init) may depend on it
+    try:
+        eager = RWKV(plan.model).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert set(got["full"]) == set(eager)
+    for k, v in eager.items():
+        assert torch.equal(got["full"][k], v), (k, (got["full"][k] - v).abs().max())
+    big = "blocks.0.att.key.weight"  # partitioned: rank 0 holds half of it
+    assert got["local"][big] == eager[big].numel() // 2
