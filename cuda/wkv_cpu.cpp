@@ -14,8 +14,10 @@
 // gr_t and q_t = r_t * (S_{t-1} gy_t); one reverse sweep carries G_t = dL/dS_t and gives gk,
 // gv and p_t = k_t * (G_t v_t). The decay gradient follows from suffix sums of the two:
 //   dL/dlog d_t = sum_{j>t} q_j - sum_{i>=t} p_i + sum_v gS_T * S_T.
-// Work is split over (batch, head) pairs (or batch x channel blocks for v4) with
-// at::parallel_for.
+// For head sizes 32, 64 and 128 both run in a chunked form (16 steps per pass over the state,
+// as small register-tiled matrix products; see "chunked form" below); other head sizes take
+// plain per-step scans. Work is split over (batch, head) pairs (or batch x channel blocks
+// for v4) with at::parallel_for.
 
 #include <torch/extension.h>
 
@@ -23,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -30,9 +33,11 @@ namespace {
 // ----------------------------------------------------------------------------- RWKV-5/6
 
 // The hot loops get an AVX2+FMA clone where the CPU has one (chosen at load time, so a build
-// cached on a shared filesystem still runs on older nodes), besides the baseline build.
+// cached on a shared filesystem still runs on older nodes), besides the baseline build. The
+// clone is x86-64-v3 (the AVX2/FMA feature level, dispatched on CPU features): an
+// "arch=haswell" clone is dispatched on the CPU model and never runs on AMD or newer Intel.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define WKV_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define WKV_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define WKV_CLONES
 #endif
@@ -42,7 +47,8 @@ namespace {
 struct Bh {
   int64_t T, step;            // steps, elements between consecutive steps
   const float *r, *k, *v, *gy;  // (T, ., N) views at the pair's first element
-  const float *d, *ew;        // decay and exp(w) at step 0
+  const float *d, *ew;        // decay and exp(w) at step 0 (the scans above)
+  const float* w;             // raw w at step 0 (the chunked form takes its own exps)
   int64_t wstep;              // step of d / ew: `step`, or 0 for a static decay
   const float* u;             // (N,)
 };
@@ -172,14 +178,428 @@ WKV_CLONES void bwd_scan(const Bh& a, int64_t n_rt, const float* __restrict s0,
   }
 }
 
+// ----------------------------------------------------------- RWKV-5/6, chunked form (N % 16 == 0)
+//
+// The scans above touch every state element three to five times per token with loads and
+// stores in between. The chunked form below processes kChunk = L steps per pass over the
+// state, as small dense products whose operands stay in registers. Within a chunk of steps
+// t0..t0+L-1 (local index t = 0..L-1, D_t = diag(d_t)), with the running decay products
+//   Dc_t = prod_{u<t} d_u (prefix, exclusive),   E_t = prod_{u>t} d_u (suffix, exclusive),
+//   Dend = prod_u d_u,   A[t][s] = sum_j r_tj k_sj prod_{s<u<t} d_uj  (s < t),
+//   A[t][t] = sum_j r_tj u_j k_tj  (the bonus),
+// the forward is, for S the state before the chunk,
+//   y_t = (r_t * Dc_t)^T S + sum_{s<=t} A[t][s] v_s,
+//   S'  = Dend S + sum_s (k_s * E_s) v_s^T.
+// The backward's first sweep needs x_t = S_{t-1} gy_t (gr_t = u k_t (gy_t.v_t) + x_t and
+// q_t = r_t * x_t):
+//   x_t = Dc_t * (S gy_t) + sum_{s<t} (v_s.gy_t) k_s * prod_{s<u<t} d_u.
+// The reverse sweep carries G = dL/dS from the chunk's last step (G_end) to the step before
+// the chunk, and needs G_t v_t (for gk_t and p_t) and G_t^T k_t (for gv_t):
+//   G_t v_t   = E_t * (G_end v_t) + sum_{s>t} (gy_s.v_t) r_s * prod_{t<u<s} d_u,
+//   G_t^T k_t = (k_t * E_t)^T G_end + sum_{s>t} A[s][t] gy_s,
+//   G_{t0-1}  = Dend G_end + sum_s (r_s * Dc_s) gy_s^T.
+// Every product of decays runs over at most L - 1 factors in [0, 1], so nothing is divided
+// and nothing overflows. The O(N^2) terms are three kernels (rows_times_mat,
+// decay_rank_update, mat_times_rows_t); the intra-chunk terms cost O(L N) per step. A
+// sequence is padded to a multiple of L with identity steps (r = k = v = gy = 0, d = 1),
+// which change neither the state nor any gradient. The decay gradient's running sums (and
+// gu's) are kept in double: they grow with T and the decay gradient is their difference.
+
+constexpr int kChunk = 16;  // L; mat_times_rows_t holds a row of L floats in two vectors
+
+// Eight floats: one AVX register in the AVX2 clone, two SSE registers in the baseline build.
+typedef float v8 __attribute__((vector_size(32)));
+
+#define WKV_INLINE inline __attribute__((always_inline))
+
+WKV_INLINE v8 ld8(const float* p) {
+  v8 x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return x;
+}
+WKV_INLINE void st8(float* p, v8 x) { __builtin_memcpy(p, &x, sizeof x); }
+// (a - 0 is a exactly, so this folds to one broadcast; GCC may build an initialiser list
+// {a, a, ...} lane by lane.)
+WKV_INLINE v8 bc8(float a) { return a - v8{}; }
+WKV_INLINE float hsum8(v8 x) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += x[i];
+  return s;
+}
+
+// exp of eight floats (the hot loops' own, so that the decays cost no extra pass over
+// memory): exp(x) = 2^n exp(f), n = round(x / ln 2), f = x - n ln 2 in [-ln2/2, ln2/2] (ln 2
+// split in two for an exact product), exp(f) by its degree-7 Taylor polynomial (relative
+// error under 1e-7 on that interval). Results under the smallest normal float flush to 0 (a
+// decay that small is 0 to float precision), overflow saturates at 2^128 ~ inf, NaN stays NaN.
+typedef int v8i __attribute__((vector_size(32)));
+WKV_INLINE v8 exp8(v8 x) {
+  const v8 xc = x < -87.3f ? bc8(-87.3f) : (x > 88.7f ? bc8(88.7f) : x);
+  const v8 shifter = bc8(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v8 big = xc * 1.44269504f + shifter;
+  const v8 n = big - shifter;
+  const v8 f = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  v8 p = bc8(1.f / 5040.f);
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  v8i ni;
+  __builtin_memcpy(&ni, &big, sizeof ni);
+  ni -= 0x4B400000;  // the integer n sits in the low mantissa bits of `big`
+  const v8i scale = (ni + 127) << 23;
+  v8 two_n;
+  __builtin_memcpy(&two_n, &scale, sizeof two_n);
+  v8 y = p * two_n;
+  y = x < -87.3f ? bc8(0.f) : y;
+  return x != x ? x : y;
+}
+
+// a . b over N floats (two accumulators to halve the FMA latency chain).
+template <int N>
+WKV_INLINE float dot(const float* a, const float* b) {
+  v8 s0{}, s1{};
+  for (int i = 0; i < N; i += 16) {
+    s0 += ld8(a + i) * ld8(b + i);
+    s1 += ld8(a + i + 8) * ld8(b + i + 8);
+  }
+  return hsum8(s0 + s1);
+}
+
+// out[t][c] += sum_j a[t][j] m[j][c]: a, out (L, N), m (N, N). Tiles of 4 x 16 outputs in
+// eight registers; per j two loads of m and four broadcasts feed eight FMAs.
+template <int N>
+WKV_INLINE void rows_times_mat(const float* __restrict a, const float* __restrict m,
+                               float* __restrict out) {
+  for (int t0 = 0; t0 < kChunk; t0 += 4)
+    for (int c0 = 0; c0 < N; c0 += 16) {
+      v8 acc[4][2];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        acc[i][0] = ld8(out + (t0 + i) * N + c0);
+        acc[i][1] = ld8(out + (t0 + i) * N + c0 + 8);
+      }
+      for (int j = 0; j < N; ++j) {
+        const v8 m0 = ld8(m + j * N + c0), m1 = ld8(m + j * N + c0 + 8);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const v8 x = bc8(a[(t0 + i) * N + j]);
+          acc[i][0] += x * m0;
+          acc[i][1] += x * m1;
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        st8(out + (t0 + i) * N + c0, acc[i][0]);
+        st8(out + (t0 + i) * N + c0 + 8, acc[i][1]);
+      }
+    }
+}
+
+// m[j][c] = dec[j] m[j][c] + sum_s a[s][j] b[s][c]: m (N, N), a, b (L, N). The state update
+// of a whole chunk: one load and one store of m per L steps.
+template <int N>
+WKV_INLINE void decay_rank_update(float* __restrict m, const float* __restrict dec,
+                                  const float* __restrict a, const float* __restrict b) {
+  for (int j0 = 0; j0 < N; j0 += 4)
+    for (int c0 = 0; c0 < N; c0 += 16) {
+      v8 acc[4][2];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const v8 dj = bc8(dec[j0 + i]);
+        acc[i][0] = dj * ld8(m + (j0 + i) * N + c0);
+        acc[i][1] = dj * ld8(m + (j0 + i) * N + c0 + 8);
+      }
+      for (int s = 0; s < kChunk; ++s) {
+        const v8 b0 = ld8(b + s * N + c0), b1 = ld8(b + s * N + c0 + 8);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const v8 x = bc8(a[s * N + j0 + i]);
+          acc[i][0] += x * b0;
+          acc[i][1] += x * b1;
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        st8(m + (j0 + i) * N + c0, acc[i][0]);
+        st8(m + (j0 + i) * N + c0 + 8, acc[i][1]);
+      }
+    }
+}
+
+// xt[j][t] = sum_c m[j][c] bt[c][t]: m (ROWS, N), bt (N, L) the transpose of L rows b_t, xt
+// (ROWS, L). This is m b_t for every t of the chunk at once, without horizontal sums.
+template <int N, int ROWS = N>
+WKV_INLINE void mat_times_rows_t(const float* __restrict m, const float* __restrict bt,
+                                 float* __restrict xt) {
+  static_assert(kChunk == 16, "a row of bt is two vectors");
+  static_assert(ROWS % 4 == 0, "rows come in fours");
+  for (int j0 = 0; j0 < ROWS; j0 += 4) {
+    v8 acc[4][2] = {};
+    for (int c = 0; c < N; ++c) {
+      const v8 b0 = ld8(bt + c * kChunk), b1 = ld8(bt + c * kChunk + 8);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const v8 x = bc8(m[(j0 + i) * N + c]);
+        acc[i][0] += x * b0;
+        acc[i][1] += x * b1;
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      st8(xt + (j0 + i) * kChunk, acc[i][0]);
+      st8(xt + (j0 + i) * kChunk + 8, acc[i][1]);
+    }
+  }
+}
+
+// One chunk's inputs gathered into contiguous (L, N) blocks, padded with identity steps. The
+// methods are inlined into the callers' clones (a member of its own would be baseline code).
+template <int N>
+struct Chunk {
+  static constexpr int L = kChunk;
+  alignas(64) float r[L * N], k[L * N], v[L * N], gy[L * N], d[L * N], ew[L * N];
+  alignas(64) float dc[L * N];  // Dc_t: prefix products of d, exclusive
+  alignas(64) float e[L * N];   // E_t: suffix products of d, exclusive
+  alignas(64) float dend[N];    // product of all d of the chunk
+  alignas(64) float att[L * L];  // A[t][s], s <= t
+
+  // Gathers steps t0 .. t0 + n - 1 (n <= L), gy only when asked for, and takes the decays.
+  WKV_INLINE void load(const Bh& a, int64_t t0, int n, bool with_gy) {
+    for (int t = 0; t < L; ++t) {
+      const int64_t o = (t0 + t) * a.step, wo = (t0 + t) * a.wstep;
+      const int tn = t * N;
+      if (t < n) {
+        for (int j = 0; j < N; j += 8) {
+          st8(r + tn + j, ld8(a.r + o + j));
+          st8(k + tn + j, ld8(a.k + o + j));
+          st8(v + tn + j, ld8(a.v + o + j));
+          if (with_gy) st8(gy + tn + j, ld8(a.gy + o + j));
+          const v8 e = exp8(ld8(a.w + wo + j));
+          st8(ew + tn + j, e);
+          st8(d + tn + j, exp8(-e));
+        }
+      } else {
+        std::fill(r + tn, r + tn + N, 0.f);
+        std::fill(k + tn, k + tn + N, 0.f);
+        std::fill(v + tn, v + tn + N, 0.f);
+        std::fill(d + tn, d + tn + N, 1.f);
+        if (with_gy) std::fill(gy + tn, gy + tn + N, 0.f);
+        std::fill(ew + tn, ew + tn + N, 0.f);
+      }
+    }
+    for (int j = 0; j < N; ++j) dc[j] = 1.f;
+    for (int t = 1; t < L; ++t)
+      for (int j = 0; j < N; ++j) dc[t * N + j] = dc[(t - 1) * N + j] * d[(t - 1) * N + j];
+    for (int j = 0; j < N; ++j) dend[j] = dc[(L - 1) * N + j] * d[(L - 1) * N + j];
+    for (int j = 0; j < N; ++j) e[(L - 1) * N + j] = 1.f;
+    for (int t = L - 2; t >= 0; --t)
+      for (int j = 0; j < N; ++j) e[t * N + j] = e[(t + 1) * N + j] * d[(t + 1) * N + j];
+  }
+
+  // A[t][s] for s <= t (zero above the diagonal), u the bonus.
+  WKV_INLINE void attention(const float* u) {
+    for (int s = 0; s < L; ++s) {
+      float p[N];  // k_s * prod_{s<u<t} d_u for the current t
+      for (int j = 0; j < N; ++j) p[j] = k[s * N + j];
+      float bonus = 0.f;
+      for (int j = 0; j < N; ++j) bonus += r[s * N + j] * u[j] * p[j];
+      for (int t = 0; t < s; ++t) att[t * L + s] = 0.f;
+      att[s * L + s] = bonus;
+      for (int t = s + 1; t < L; ++t) {
+        att[t * L + s] = dot<N>(r + t * N, p);
+        for (int j = 0; j < N; ++j) p[j] *= d[t * N + j];
+      }
+    }
+  }
+};
+
+template <int N>
+WKV_CLONES void fwd_chunked(const Bh& a, const float* __restrict s0, float* __restrict y,
+                            float* __restrict sT) {
+  constexpr int L = kChunk;
+  std::unique_ptr<Chunk<N>> ch(new Chunk<N>);  // uninitialised: load() fills it
+  std::vector<float> buf(N * N + 3 * L * N);
+  float* __restrict S = buf.data();
+  float* __restrict rp = S + N * N;   // r_t * Dc_t
+  float* __restrict ke = rp + L * N;  // k_s * E_s
+  float* __restrict yc = ke + L * N;  // y_t
+  std::copy(s0, s0 + N * N, S);
+  for (int64_t t0 = 0; t0 < a.T; t0 += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, a.T - t0));
+    ch->load(a, t0, n, false);
+    ch->attention(a.u);
+    for (int i = 0; i < L * N; ++i) {
+      rp[i] = ch->r[i] * ch->dc[i];
+      ke[i] = ch->k[i] * ch->e[i];
+    }
+    // Intra-chunk part, then the state's.
+    for (int t = 0; t < L; ++t) {
+      float* __restrict yt = yc + t * N;
+      for (int c = 0; c < N; ++c) yt[c] = 0.f;
+      for (int s = 0; s <= t; ++s) {
+        const float at = ch->att[t * L + s];
+        const float* __restrict vs = ch->v + s * N;
+        for (int c = 0; c < N; ++c) yt[c] += at * vs[c];
+      }
+    }
+    rows_times_mat<N>(rp, S, yc);
+    decay_rank_update<N>(S, ch->dend, ke, ch->v);
+    for (int t = 0; t < n; ++t) std::copy(yc + t * N, yc + (t + 1) * N, y + (t0 + t) * a.step);
+  }
+  std::copy(S, S + N * N, sT);
+}
+
+template <int N>
+WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
+                            const float* __restrict gsT, float* __restrict gr,
+                            float* __restrict gk, float* __restrict gv, float* __restrict gw,
+                            float* __restrict gw_sum, float* __restrict gu,
+                            float* __restrict gs0) {
+  constexpr int L = kChunk;
+  std::unique_ptr<Chunk<N>> ch(new Chunk<N>);  // uninitialised: load() fills it
+  std::vector<float> buf(N * N + 4 * L * N + 2 * N * L);
+  float* __restrict S = buf.data();   // the state in sweep 1, G = dL/dS in sweep 2
+  float* __restrict rp = S + N * N;   // r_t * Dc_t
+  float* __restrict ke = rp + L * N;  // k_t * E_t
+  float* __restrict xc = ke + L * N;  // x_t (sweep 1), G_t v_t (sweep 2)
+  float* __restrict gc = xc + L * N;  // gv rows (sweep 2)
+  float* __restrict bt = gc + L * N;  // (N, L): gy (sweep 1) or v (sweep 2) transposed
+  float* __restrict xt = bt + N * L;  // (N, L): S gy_t (sweep 1), G_end v_t (sweep 2)
+  std::vector<float> q(a.T * N);
+  std::vector<double> dbuf(5 * N, 0.0);
+  double* __restrict gu_acc = dbuf.data();
+  double* __restrict fin = gu_acc + N;     // sum_v gS_T * S_T per key
+  double* __restrict Pd = fin + N;         // sum_{i>=t} p_i
+  double* __restrict Qd = Pd + N;          // sum_{j>t} q_j
+  double* __restrict gw_acc = Qd + N;      // static decay: sum over t of its gradient
+  float gyv[L];
+  alignas(32) float bm[L * L];  // the chunk's dot products of v and gy rows
+
+  // Sweep 1, forward: S -> x_t -> gr_t, q_t, gu.
+  std::copy(s0, s0 + N * N, S);
+  for (int64_t t0 = 0; t0 < a.T; t0 += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, a.T - t0));
+    ch->load(a, t0, n, true);
+    for (int i = 0; i < L * N; ++i) ke[i] = ch->k[i] * ch->e[i];
+    for (int t = 0; t < L; ++t)
+      for (int c = 0; c < N; ++c) bt[c * L + t] = ch->gy[t * N + c];
+    mat_times_rows_t<N>(S, bt, xt);
+    mat_times_rows_t<N, L>(ch->v, bt, bm);  // bm[s][t] = v_s . gy_t
+    for (int t = 0; t < L; ++t) {
+      gyv[t] = bm[t * L + t];
+      for (int j = 0; j < N; ++j) xc[t * N + j] = ch->dc[t * N + j] * xt[j * L + t];
+    }
+    for (int s = 0; s < L; ++s) {
+      float p[N];  // k_s * prod_{s<u<t} d_u
+      for (int j = 0; j < N; ++j) p[j] = ch->k[s * N + j];
+      for (int t = s + 1; t < L; ++t) {
+        const float b = bm[s * L + t];
+        for (int j = 0; j < N; ++j) {
+          xc[t * N + j] += b * p[j];
+          p[j] *= ch->d[t * N + j];
+        }
+      }
+    }
+    for (int t = 0; t < n; ++t) {
+      const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
+      float* __restrict grt = gr + (t0 + t) * a.step;
+      float* __restrict qt = q.data() + (t0 + t) * N;
+      for (int j = 0; j < N; ++j) {
+        grt[j] = a.u[j] * kt[j] * gyv[t] + xr[j];
+        qt[j] = rt[j] * xr[j];
+        gu_acc[j] += rt[j] * kt[j] * gyv[t];
+      }
+    }
+    decay_rank_update<N>(S, ch->dend, ke, ch->v);
+  }
+  for (int j = 0; j < N; ++j) fin[j] = dot<N>(gsT + j * N, S + j * N);
+
+  // Sweep 2, reverse: G from dL/dS_T back to dL/dS_0, giving gk, gv, gw on the way.
+  std::copy(gsT, gsT + N * N, S);
+  const int64_t n_chunks = (a.T + L - 1) / L;
+  for (int64_t ci = n_chunks - 1; ci >= 0; --ci) {
+    const int64_t t0 = ci * L;
+    const int n = static_cast<int>(std::min<int64_t>(L, a.T - t0));
+    ch->load(a, t0, n, true);
+    ch->attention(a.u);
+    for (int i = 0; i < L * N; ++i) {
+      rp[i] = ch->r[i] * ch->dc[i];
+      ke[i] = ch->k[i] * ch->e[i];
+    }
+    for (int t = 0; t < L; ++t)
+      for (int c = 0; c < N; ++c) bt[c * L + t] = ch->v[t * N + c];
+    mat_times_rows_t<N>(S, bt, xt);
+    mat_times_rows_t<N, L>(ch->gy, bt, bm);  // bm[s][t] = gy_s . v_t
+    for (int t = 0; t < L; ++t) {
+      gyv[t] = bm[t * L + t];
+      for (int j = 0; j < N; ++j) xc[t * N + j] = ch->e[t * N + j] * xt[j * L + t];
+    }
+    for (int s = L - 1; s > 0; --s) {
+      float p[N];  // r_s * prod_{t<u<s} d_u
+      for (int j = 0; j < N; ++j) p[j] = ch->r[s * N + j];
+      for (int t = s - 1; t >= 0; --t) {
+        const float b = bm[s * L + t];
+        for (int j = 0; j < N; ++j) {
+          xc[t * N + j] += b * p[j];
+          p[j] *= ch->d[t * N + j];
+        }
+      }
+    }
+    // gv_t = sum_{s>=t} A[s][t] gy_s + (k_t * E_t)^T G_end.
+    for (int t = 0; t < L; ++t) {
+      float* __restrict gt = gc + t * N;
+      for (int c = 0; c < N; ++c) gt[c] = 0.f;
+      for (int s = t; s < L; ++s) {
+        const float at = ch->att[s * L + t];
+        const float* __restrict gys = ch->gy + s * N;
+        for (int c = 0; c < N; ++c) gt[c] += at * gys[c];
+      }
+    }
+    rows_times_mat<N>(ke, S, gc);
+    for (int t = n - 1; t >= 0; --t) {
+      const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
+      const float* ewt = ch->ew + t * N;
+      const float* qt = q.data() + (t0 + t) * N;
+      float* __restrict gkt = gk + (t0 + t) * a.step;
+      for (int j = 0; j < N; ++j) gkt[j] = rt[j] * a.u[j] * gyv[t] + xr[j];
+      // dL/dlog d_t = sum_{j>t} q_j - sum_{i>=t} p_i + fin, p_t = k_t * (G_t v_t).
+      if (gw_sum) {
+        for (int j = 0; j < N; ++j) {
+          Pd[j] += static_cast<double>(kt[j]) * xr[j];
+          gw_acc[j] += (Qd[j] - Pd[j] + fin[j]) * -static_cast<double>(ewt[j]);
+          Qd[j] += qt[j];
+        }
+      } else {
+        float* __restrict gwt = gw + (t0 + t) * a.step;
+        for (int j = 0; j < N; ++j) {
+          Pd[j] += static_cast<double>(kt[j]) * xr[j];
+          gwt[j] = static_cast<float>((Qd[j] - Pd[j] + fin[j]) * -static_cast<double>(ewt[j]));
+          Qd[j] += qt[j];
+        }
+      }
+      std::copy(gc + t * N, gc + (t + 1) * N, gv + (t0 + t) * a.step);
+    }
+    decay_rank_update<N>(S, ch->dend, rp, ch->gy);
+  }
+  std::copy(S, S + N * N, gs0);
+  for (int j = 0; j < N; ++j) {
+    gu[j] = static_cast<float>(gu_acc[j]);
+    if (gw_sum) gw_sum[j] = static_cast<float>(gw_acc[j]);
+  }
+}
+
 // The pair (b, h) of (B, T, H, N) tensors, with precomputed decays d and ew.
 Bh pair_view(int64_t T, int64_t H, int64_t N, int64_t b, int64_t h, const float* r,
              const float* k, const float* v, const float* gy, const float* d, const float* ew,
-             bool static_w, const float* u) {
+             const float* w, bool static_w, const float* u) {
   const int64_t o = (b * T * H + h) * N;
   const int64_t wo = static_w ? h * N : o;
-  return Bh{T,       H * N,       r + o,       k + o,          v + o, gy ? gy + o : nullptr,
-            d + wo,  ew + wo,     static_w ? 0 : H * N, u + h * N};
+  return Bh{T,      H * N,   r + o,  k + o,  v + o, gy ? gy + o : nullptr, d + wo,
+            ew + wo, w + wo, static_w ? 0 : H * N, u + h * N};
 }
 
 void check_56(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
@@ -203,6 +623,18 @@ void check_56(const torch::Tensor& r, const torch::Tensor& k, const torch::Tenso
 
 torch::Tensor f32(const torch::Tensor& x) { return x.to(torch::kFloat).contiguous(); }
 
+// Head sizes of the chunked form; other sizes take the per-step scans.
+bool chunked_size(int64_t N) { return N == 32 || N == 64 || N == 128; }
+
+// (d, exp(w)) for the per-step scans, by torch's vectorised exp over the whole tensor. The
+// chunked form computes both while gathering a chunk (saving three passes over memory), and
+// gets w itself in both places (unused).
+std::pair<torch::Tensor, torch::Tensor> decays(const torch::Tensor& wf, int64_t N) {
+  if (chunked_size(N)) return {wf, wf};
+  auto ew = wf.exp();
+  return {(-ew).exp(), ew};
+}
+
 // Pairs per task: small problems run on one thread, where waking the pool costs more than the
 // work (about a million multiply-adds per task at least).
 int64_t grain(int64_t work_per_item) {
@@ -215,8 +647,8 @@ std::vector<torch::Tensor> wkv56_forward(torch::Tensor r, torch::Tensor k, torch
   check_56(r, k, v, w, u, s0, static_w);
   const auto B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   auto rf = f32(r), kf = f32(k), vf = f32(v), uf = f32(u), sf = f32(s0);
-  auto ew = f32(w).exp();  // torch's vectorised exp, once for the whole tensor
-  auto d = (-ew).exp();
+  auto wf = f32(w);
+  auto [d, ew] = decays(wf, N);
   auto y = torch::empty(r.sizes(), rf.options());
   auto sT = torch::empty(s0.sizes(), sf.options());
   at::parallel_for(0, B * H, grain(T * N * N), [&](int64_t begin, int64_t end) {
@@ -224,13 +656,18 @@ std::vector<torch::Tensor> wkv56_forward(torch::Tensor r, torch::Tensor k, torch
       const int64_t b = i / H, h = i % H, o = (b * T * H + h) * N;
       const Bh a = pair_view(T, H, N, b, h, rf.data_ptr<float>(), kf.data_ptr<float>(),
                              vf.data_ptr<float>(), nullptr, d.data_ptr<float>(),
-                             ew.data_ptr<float>(), static_w, uf.data_ptr<float>());
+                             ew.data_ptr<float>(), wf.data_ptr<float>(), static_w, uf.data_ptr<float>());
       const float* s0p = sf.data_ptr<float>() + i * N * N;
       float* sTp = sT.data_ptr<float>() + i * N * N;
-      if (N == 64)
-        fwd_scan<64>(a, N, s0p, y.data_ptr<float>() + o, sTp);
-      else
-        fwd_scan<0>(a, N, s0p, y.data_ptr<float>() + o, sTp);
+      float* yp = y.data_ptr<float>() + o;
+      if (!chunked_size(N))
+        fwd_scan<0>(a, N, s0p, yp, sTp);
+      else if (N == 64)
+        fwd_chunked<64>(a, s0p, yp, sTp);
+      else if (N == 128)
+        fwd_chunked<128>(a, s0p, yp, sTp);
+      else if (N == 32)
+        fwd_chunked<32>(a, s0p, yp, sTp);
     }
   });
   return {y.to(r.scalar_type()), sT};
@@ -244,8 +681,8 @@ std::vector<torch::Tensor> wkv56_backward(torch::Tensor r, torch::Tensor k, torc
   const auto B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   auto rf = f32(r), kf = f32(k), vf = f32(v), uf = f32(u), sf = f32(s0);
   auto gyf = f32(gy), gsf = f32(gsT);
-  auto ew = f32(w).exp();
-  auto d = (-ew).exp();
+  auto wf = f32(w);
+  auto [d, ew] = decays(wf, N);
   auto opt = rf.options();
   auto gr = torch::empty(r.sizes(), opt), gk = torch::empty(r.sizes(), opt),
        gv = torch::empty(r.sizes(), opt);
@@ -257,18 +694,22 @@ std::vector<torch::Tensor> wkv56_backward(torch::Tensor r, torch::Tensor k, torc
       const int64_t b = i / H, h = i % H, o = (b * T * H + h) * N;
       const Bh a = pair_view(T, H, N, b, h, rf.data_ptr<float>(), kf.data_ptr<float>(),
                              vf.data_ptr<float>(), gyf.data_ptr<float>(), d.data_ptr<float>(),
-                             ew.data_ptr<float>(), static_w, uf.data_ptr<float>());
+                             ew.data_ptr<float>(), wf.data_ptr<float>(), static_w, uf.data_ptr<float>());
       float* gwp = static_w ? nullptr : gw.data_ptr<float>() + o;
       float* gw_sum = static_w ? gw.data_ptr<float>() + i * N : nullptr;
       auto run = [&](auto scan) {
-        scan(a, N, sf.data_ptr<float>() + i * N * N, gsf.data_ptr<float>() + i * N * N,
+        scan(a, sf.data_ptr<float>() + i * N * N, gsf.data_ptr<float>() + i * N * N,
              gr.data_ptr<float>() + o, gk.data_ptr<float>() + o, gv.data_ptr<float>() + o, gwp,
              gw_sum, gu.data_ptr<float>() + i * N, gs0.data_ptr<float>() + i * N * N);
       };
-      if (N == 64)
-        run(bwd_scan<64>);
-      else
-        run(bwd_scan<0>);
+      if (!chunked_size(N))
+        run([&](const Bh& a_, auto... rest) { bwd_scan<0>(a_, N, rest...); });
+      else if (N == 64)
+        run(bwd_chunked<64>);
+      else if (N == 128)
+        run(bwd_chunked<128>);
+      else if (N == 32)
+        run(bwd_chunked<32>);
     }
   });
   if (static_w) gw = gw.sum(0);
