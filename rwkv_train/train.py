@@ -28,6 +28,7 @@ from rwkv_train.data.loader import TokenDataModule
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
+from rwkv_train.preempt import Preempted, PreemptionCallback, slurm_plugins
 from rwkv_train.samples import SampleLogger
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,10 @@ def close_loggers(loggers: list) -> None:
 
 
 def callbacks(tc: TrainConfig, run_dir: Path) -> list[L.Callback]:
-    """Checkpoints always; W&B text samples when the wandb logger asks for them."""
-    out: list[L.Callback] = [CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))]
+    """Checkpoints and their pre-emption save (SIGUSR1, see rwkv_train/preempt.py) always; W&B
+    text samples when the wandb logger asks for them."""
+    manager = CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))
+    out: list[L.Callback] = [manager, PreemptionCallback(manager)]
     if tc.logger.name == "wandb" and tc.logger.log_samples_every_n_steps > 0:
         out.append(SampleLogger(tc.logger.log_samples_every_n_steps))
     return out
@@ -170,6 +173,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         limit_val_batches=1.0 if data.val_set is not None else 0,
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),
+        plugins=slurm_plugins(),
     )
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=False)
@@ -179,6 +183,9 @@ def train(cfg: DictConfig) -> RWKVLitModule:
             dist.destroy_process_group()  # else gloo may abort at interpreter exit
     if module.stop_reason:
         raise NonFiniteLossError(module.stop_reason)
+    preempt = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
+    if preempt.stopped_at is not None:
+        raise Preempted(preempt.stopped_at)
     return module
 
 

@@ -1,6 +1,6 @@
 """Shared test switches.
 
-CI sets REQUIRE_CPP_OPS=1, REQUIRE_NVCC=1 (and later REQUIRE_SLURM=1): under them a test that
+CI sets REQUIRE_CPP_OPS=1, REQUIRE_NVCC=1 and REQUIRE_SLURM=1: under them a test that
 would skip for lack of a compiler, nvcc or Slurm fails instead, so a skip can never hide a
 missing part. Only GPU tests may skip in CI.
 """

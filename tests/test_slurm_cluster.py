@@ -1,0 +1,171 @@
+"""The Slurm scripts on a real one-node Slurm cluster (Debian's slurmctld, slurmd, munge).
+
+`slurm/testing/start_cluster.sh` starts the cluster in a temporary folder for this module and
+`stop_cluster.sh` stops it by PID. Without the Slurm binaries or root the tests skip, and fail
+instead under REQUIRE_SLURM=1 (CI). There is no accounting, so job states come from scontrol;
+every wait has a timeout so a dead job cannot hang the suite.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import skip_unless_required
+from train_utils import tiny_data, train_overrides
+
+from rwkv_train.checkpoint import checkpoint_step, find_latest
+from rwkv_train.metrics import read_metrics
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTING = ROOT / "slurm" / "testing"
+# two tasks of one CPU each on the two-CPU test node; no GPUs
+SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment of a client of a freshly started cluster."""
+    missing = [b for b in ("slurmctld", "slurmd", "munged") if not Path("/usr/sbin", b).exists()]
+    if missing or shutil.which("sbatch") is None:
+        skip_unless_required("REQUIRE_SLURM", f"Slurm is not installed (missing {missing})")
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    start = subprocess.run(
+        [*prefix, "env", f"SLURMCTLD_PORT={env['SLURMCTLD_PORT']}",
+         f"SLURMD_PORT={env['SLURMD_PORT']}", str(TESTING / "start_cluster.sh"), str(state)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    try:
+        if start.returncode != 0:
+            skip_unless_required("REQUIRE_SLURM", f"Slurm did not start: {start.stderr[-2000:]}")
+        yield {
+            **env,
+            "SLURM_CONF": str(state / "slurm.conf"),
+            "PYTHON": sys.executable,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "WANDB_MODE": "offline",
+        }
+    finally:
+        subprocess.run([*prefix, str(TESTING / "stop_cluster.sh"), str(state)], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def sbatch(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def job_info(env: dict[str, str], job: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True
+    ).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def wait_for(env: dict[str, str], job: str, states: set[str], timeout: float) -> dict[str, str]:
+    """The job's record once its state is one of `states`; fails after `timeout` seconds or
+    when it ends in another state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(env, job)
+        if info.get("JobState") in states:
+            return info
+        if info.get("JobState") in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
+            pytest.fail(f"job {job} ended {info.get('JobState')}: {info}")
+        time.sleep(0.5)
+    pytest.fail(f"job {job} not {states} after {timeout} s: {job_info(env, job)}")
+
+
+def steps(run_dir: Path) -> list[int]:
+    try:
+        return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def train_job(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    overrides = train_overrides(
+        data, run_dir, "data.micro_batch_size=1", "data.val_samples=0", *extra
+    )
+    out = str(run_dir.parent / "slurm-%j.out")
+    return [*SMALL_JOB, "--time=10", f"--output={out}", "slurm/train.sbatch", *overrides]
+
+
+def test_train_sbatch_completes_with_two_tasks(
+    cluster: dict[str, str], data: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    job = sbatch(cluster, *train_job(data, run_dir, "trainer.max_steps=3"))
+    wait_for(cluster, job, {"COMPLETED"}, timeout=180)
+    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 3
+    log = (run_dir / "jobs" / f"{job}.0" / "train.log").read_text()
+    assert "0: " in log and "1: " in log  # both ranks wrote (srun --label)
+
+
+def test_preempted_job_requeues_and_resumes_in_the_same_run(
+    cluster: dict[str, str], data: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    max_steps = 60
+    job = sbatch(
+        cluster, *train_job(data, run_dir, f"trainer.max_steps={max_steps}", "logger=wandb")
+    )
+    wait_for(cluster, job, {"RUNNING"}, timeout=60)
+    deadline = time.monotonic() + 120
+    while not steps(run_dir) or max(steps(run_dir)) < 2:
+        info = job_info(cluster, job)
+        assert time.monotonic() < deadline and info["JobState"] == "RUNNING", info
+        time.sleep(0.2)
+    wandb_id = (run_dir / "wandb_id.txt").read_text()
+    # what --signal=B:USR1@LEAD does LEAD seconds before the time limit
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    info = wait_for(cluster, job, {"COMPLETED"}, timeout=240)
+    assert info["Restarts"] == "1"
+    first = (run_dir / "jobs" / f"{job}.0" / "train.log").read_text()
+    second = (run_dir / "jobs" / f"{job}.1" / "train.log").read_text()
+    saved = int(first.rsplit("(step ", 1)[1].split(",")[0])  # the last checkpoint it saved
+    assert 2 <= saved < max_steps and "resuming from" in second and f"(step {saved})" in second
+    assert steps(run_dir) == list(range(1, max_steps + 1))  # no step lost or repeated
+    assert (run_dir / "wandb_id.txt").read_text() == wandb_id
+
+
+def test_data_prep_array_then_merge(cluster: dict[str, str], tmp_path: Path) -> None:
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(f'{{"text": "document {i}: hello, world"}}\n' for i in range(60)))
+    out = tmp_path / "prepared"
+    env = {**cluster, "SBATCH_EXTRA": "--cpus-per-task=1", "SBATCH_TIMELIMIT": "10"}
+    env["SBATCH_OUTPUT"] = str(tmp_path / "slurm-%j.out")
+    done = subprocess.run(
+        [str(ROOT / "slurm" / "prepare_data.sh"), str(out), "2", f"inputs=[{src}]",
+         "progress=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    merge = done.stdout.split("merge + verify: ")[1].split()[0]
+    wait_for(cluster, merge, {"COMPLETED"}, timeout=180)  # afterok: the array succeeded too
+    assert (out / "manifest.json").exists()
+    verify = subprocess.run([sys.executable, "-m", "data_prep.verify", str(out)], cwd=ROOT)
+    assert verify.returncode == 0

@@ -1,0 +1,237 @@
+"""slurm/train.sbatch and the pre-emption path, without a Slurm cluster.
+
+The batch script runs under bash with stand-ins for `srun` (runs the one task in place, with
+the SLURM_* variables srun would set) and `scontrol` (prints the node name, records requeues),
+so its rendezvous, job records, signal forwarding and requeue decision are tested on any
+machine. The pre-emption callback itself is also tested in-process: a signal at one step
+saves that step's checkpoint, stops with the requeue exit code, and a rerun resumes from it.
+"""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+from train_utils import compose_train, tiny_data, train_overrides
+
+import rwkv_train.train as train_mod
+from rwkv_train.checkpoint import checkpoint_step, find_latest
+from rwkv_train.metrics import read_metrics
+from rwkv_train.preempt import REQUEUE_EXIT, Preempted
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_ID = "4242"
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# one task, in place: drop srun's options, set what srun sets for the task
+while [[ $1 == -* ]]; do shift; done
+export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ $1 == show ]]; then echo localhost; else echo "$*" >>"$SCONTROL_LOG"; fi
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a one-task batch job whose srun and scontrol are stand-ins."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "SLURM_JOB_ID": JOB_ID,
+        "SLURM_JOB_NAME": "rwkv-train",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS": "1",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def sbatch_command(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    overrides = train_overrides(data, run_dir, "data.val_samples=0", *extra)
+    return ["bash", str(ROOT / "slurm" / "train.sbatch"), *overrides]
+
+
+def steps(run_dir: Path) -> list[int]:
+    try:
+        return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    except (FileNotFoundError, ValueError):  # not written yet, or a line half-written
+        return []
+
+
+def test_sbatch_script_trains_and_records_the_job(
+    data: Path, tmp_path: Path, fake_slurm: dict[str, str]
+) -> None:
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        sbatch_command(data, run_dir, "trainer.max_steps=3"),
+        env=fake_slurm,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = run_dir / "jobs" / f"{JOB_ID}.0"
+    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 3
+    assert "trainer:" in (job / "config.yaml").read_text()
+    assert len((job / "git_commit.txt").read_text().strip()) in (40, 7)  # a sha, or "unknown"
+    assert (job / "train.log").stat().st_size > 0
+    assert not Path(fake_slurm["SCONTROL_LOG"]).exists()  # finished: no requeue
+
+
+def test_sbatch_script_requeues_on_the_signal_and_resumes(
+    data: Path, tmp_path: Path, fake_slurm: dict[str, str]
+) -> None:
+    run_dir = tmp_path / "run"
+    cmd = sbatch_command(data, run_dir, "trainer.max_steps=400", "checkpoint.every_n_steps=1000")
+    job = subprocess.Popen(cmd, env=fake_slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not steps(run_dir) or max(steps(run_dir)) < 2:
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)  # what Slurm sends the batch shell LEAD seconds early
+    out = job.communicate(timeout=120)[0].decode()
+    assert job.returncode == 0, out[-3000:]
+    assert Path(fake_slurm["SCONTROL_LOG"]).read_text().split() == ["requeue", JOB_ID]
+    saved = checkpoint_step(find_latest(run_dir / "checkpoints"))
+    assert 2 <= saved < 400 and max(steps(run_dir)) == saved
+
+    # the requeued job: same command, restart count 1, continues from the saved step
+    env = {**fake_slurm, "SLURM_RESTART_COUNT": "1"}
+    cmd[cmd.index("trainer.max_steps=400")] = f"trainer.max_steps={saved + 3}"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert steps(run_dir) == list(range(1, saved + 4))
+    assert (run_dir / "jobs" / f"{JOB_ID}.1" / "train.log").exists()
+
+
+class SignalAt(L.Callback):
+    """Sends this process `signum` when the trainer reaches `step`."""
+
+    def __init__(self, step: int, signum: int = signal.SIGUSR1) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_signal_saves_that_step_and_exits_for_requeue(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = train_mod.callbacks
+    monkeypatch.setattr(train_mod, "callbacks", lambda *a: [SignalAt(3), *build(*a)])
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(data, run_dir, "trainer.max_steps=8", "data.val_samples=0")
+    with pytest.raises(Preempted) as stop:
+        train_mod.train(compose_train(overrides))
+    assert stop.value.code == REQUEUE_EXIT and stop.value.step == 3
+    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 3
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler removed after fit
+
+    monkeypatch.setattr(train_mod, "callbacks", build)
+    train_mod.train(compose_train(overrides))
+    assert steps(run_dir) == list(range(1, 9))
+
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# records its arguments, answers a job id as --parsable does
+echo "$*" >>"$SBATCH_LOG"
+echo "$(( 100 + $(wc -l <"$SBATCH_LOG") ))"
+"""
+
+
+def test_data_prep_array_parts_merge_and_verify(tmp_path: Path) -> None:
+    """Two array tasks run by hand as Slurm would, then the merge + verify that
+    prepare_data.sh submits after them, on a small jsonl corpus."""
+    src = tmp_path / "corpus.jsonl"
+    src.write_text(
+        "".join(f'{{"text": "document {i} says hello to the world"}}\n' for i in range(40))
+    )
+    out = tmp_path / "prepared"
+    env = {**os.environ, "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(ROOT)}
+    for i in range(2):
+        task = {**env, "SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "2"}
+        cmd = ["bash", str(ROOT / "slurm" / "data_prep.sbatch"), str(out)]
+        cmd += [f"inputs=[{src}]", "progress=false", "val_fraction=0"]
+        done = subprocess.run(cmd, env=task, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["part_00000", "part_00001"]
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(stat.S_IRWXU)
+    log = tmp_path / "sbatch.log"
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "SBATCH_LOG": str(log)}
+    submit = [str(ROOT / "slurm" / "prepare_data.sh"), str(out), "2", f"inputs=[{src}]"]
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    array, merge = log.read_text().splitlines()
+    assert array.startswith("--parsable --array=0-1 ") and array.endswith(f"{out} inputs=[{src}]")
+    assert "--dependency=afterok:101" in merge
+    wrapped = merge.split("--wrap=", 1)[1]
+    done = subprocess.run(["bash", "-c", wrapped], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (out / "manifest.json").exists()
+
+
+def test_lr_sweep_dry_run_with_submitit_local(data: Path, tmp_path: Path) -> None:
+    """`-m +sweep=lr hydra/launcher=submitit_local`, shrunk to two tiny CPU jobs: the sweep
+    config, the launcher and the trainer's multirun folders work together on one machine."""
+    tiny = train_overrides(data, tmp_path / "unused", "data.val_samples=0", "trainer.max_steps=2")
+    tiny = [o for o in tiny if not o.startswith("run_dir=")]
+    cmd = [sys.executable, "-m", "rwkv_train.train", "-m", "+sweep=lr"]
+    cmd += ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=1"]
+    cmd += ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
+    cmd += ["trainer.devices=1", "deepspeed=none", f"runs_root={tmp_path}"]
+    cmd += ["optim.lr_init=1e-3,2e-3", *tiny]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = sorted(
+        p.parent.parent for p in (tmp_path / "sweeps" / "lr").glob("*/checkpoints/*.ckpt")
+    )
+    assert len(runs) == 2 and all(steps(r) == [1, 2] for r in runs), done.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_both_at_one_zero_step(data: Path, tmp_path: Path) -> None:
+    """Two ranks under ZeRO-2 (gloo): only rank 0 gets the signal, yet both stop at the same
+    step after writing their partitions of one complete checkpoint, and exit for requeue."""
+    from test_distributed import command, environment
+
+    from rwkv_train.checkpoint import shard_ranks
+
+    run_dir = tmp_path / "run"
+    cmd = command(data, run_dir, "deepspeed=zero2", "trainer.max_steps=400")
+    job = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while not steps(run_dir) or max(steps(run_dir)) < 2:
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)  # the launching process is rank 0; rank 1 is its child
+    out = job.communicate(timeout=150)[0]
+    assert job.returncode == REQUEUE_EXIT, out[-3000:]
+    ckpt = find_latest(run_dir / "checkpoints")
+    assert shard_ranks(ckpt) == {0, 1} and checkpoint_step(ckpt) == max(steps(run_dir)) < 400
