@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_utils import tiny_data, train_overrides
+from train_utils import assert_matches_rwkv_package, tiny_data, train_overrides
 
 from rwkv_train.checkpoint import check_resumable, find_latest, list_checkpoints
 from rwkv_train.export import export, load_checkpoint_weights
-from rwkv_train.generate import load_model
 from rwkv_train.metrics import read_metrics
 from rwkv_train.train import compose_config, train
 
@@ -223,18 +222,7 @@ def test_zero3_export_loads_in_rwkv_package(
     pth = export(runs["zero3"], tmp_path / "out.pth")
     sd = torch.load(pth, weights_only=True)
     assert all(v.dtype == torch.float32 for v in sd.values())
-    monkeypatch.setenv("RWKV_JIT_ON", "0")
-    monkeypatch.setenv("RWKV_CUDA_ON", "0")
-    monkeypatch.delenv("RWKV_V7_ON", raising=False)
-    from rwkv.model import RWKV as Reference
-
-    ref = Reference(model=str(pth.with_suffix("")), strategy="cpu fp32")
-    tokens = [5, 17, 99, 3, 0, 42, 7, 120]
-    ref_logits, _ = ref.forward(tokens, None, full_output=True)
-    ours = load_model(pth, wkv_backend="torch")
-    with torch.no_grad():
-        our_logits = ours(torch.tensor([tokens]))[0]
-    assert torch.allclose(our_logits, ref_logits.float(), atol=1e-4, rtol=1e-4)
+    assert_matches_rwkv_package(pth, [5, 17, 99, 3, 0, 42, 7, 120], monkeypatch)
 
 
 def _build_partitioned(rank: int, port: int, out: str) -> None:

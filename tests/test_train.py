@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_utils import (
     TINY_VOCAB,
+    assert_matches_rwkv_package,
     compose_train,
     markov_documents,
     tiny_data,
@@ -171,18 +172,7 @@ def test_export_loads_in_rwkv_package_with_matching_logits(
     sd = torch.load(pth, weights_only=True)
     assert set(sd) == set(module.net.state_dict())
 
-    monkeypatch.setenv("RWKV_JIT_ON", "0")
-    monkeypatch.setenv("RWKV_CUDA_ON", "0")
-    monkeypatch.delenv("RWKV_V7_ON", raising=False)
-    from rwkv.model import RWKV as Reference
-
-    ref = Reference(model=str(pth.with_suffix("")), strategy="cpu fp32")
-    tokens = [5, 17, 99, 3, 0, 42, 7, 200]
-    ref_logits, _ = ref.forward(tokens, None, full_output=True)
-    ours = load_model(pth, wkv_backend="torch")
-    with torch.no_grad():
-        our_logits = ours(torch.tensor([tokens]))[0]
-    assert torch.allclose(our_logits, ref_logits.float(), atol=1e-4, rtol=1e-4)
+    assert_matches_rwkv_package(pth, [5, 17, 99, 3, 0, 42, 7, 200], monkeypatch)
 
     # and the .pth is a valid starting point: model.init_from loads it exactly
     start = run(

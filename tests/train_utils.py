@@ -5,9 +5,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from omegaconf import DictConfig
 
 from data_prep.binidx import BinIdxWriter
+from rwkv_train.generate import load_model
 from rwkv_train.train import compose_config
 
 # A small model every test can afford on two CPU cores: finch_debug's 2 x 128 layers with a
@@ -105,3 +108,20 @@ def compose_train(overrides: list[str]) -> DictConfig:
 def train_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
     """TINY plus the data folder and run folder."""
     return [*TINY, f"data.path={data}", f"run_dir={run_dir}", *extra]
+
+
+def assert_matches_rwkv_package(
+    pth: Path, tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exported .pth gives the same logits in the `rwkv` package as in our model (1e-4)."""
+    monkeypatch.setenv("RWKV_JIT_ON", "0")
+    monkeypatch.setenv("RWKV_CUDA_ON", "0")
+    monkeypatch.delenv("RWKV_V7_ON", raising=False)
+    from rwkv.model import RWKV as Reference
+
+    ref = Reference(model=str(pth.with_suffix("")), strategy="cpu fp32")
+    ref_logits, _ = ref.forward(tokens, None, full_output=True)
+    ours = load_model(pth, wkv_backend="torch")
+    with torch.no_grad():
+        our_logits = ours(torch.tensor([tokens]))[0]
+    assert torch.allclose(our_logits, ref_logits.float(), atol=1e-4, rtol=1e-4)
