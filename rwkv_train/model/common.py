@@ -49,6 +49,23 @@ def assign(param: Tensor, value: Tensor | float) -> None:
         param.fill_(value)
 
 
+def init_matrix_wkv(
+    time_decay: Tensor, time_faaaa: Tensor, ln_x: nn.GroupNorm, layer_id: int, n_layer: int
+) -> None:
+    """The decay, bonus and ln_x init that Eagle (v5) and Finch (v6) share, in one place.
+
+    time_decay_n = -6 + 5 e_n^(0.7 + 1.3 r0); time_faaaa_n = r0 (1 - e_n) + 0.1 zigzag_n;
+    ln_x.weight = ((l + 1) / L)^0.7, bias 0. Works for the v5 [H, N] and v6 [1, 1, C] shapes.
+    """
+    C = time_decay.numel()
+    r0, _ = layer_ratios(layer_id, n_layer)
+    _, e = channel_ramp(C, time_decay.device)
+    assign(time_decay, -6 + 5 * e ** (0.7 + 1.3 * r0))
+    assign(time_faaaa, r0 * (1 - e) + 0.1 * zigzag(C, e.device))
+    assign(ln_x.weight, ((1 + layer_id) / n_layer) ** 0.7)
+    assign(ln_x.bias, 0.0)
+
+
 class Linear(nn.Module):
     """y = x W^T without bias; W initialised orthogonal with gain scale * sqrt(max(1, out/in)).
 

@@ -14,10 +14,10 @@ from rwkv_train.model.common import (
     Linear,
     assign,
     channel_ramp,
+    init_matrix_wkv,
     layer_ratios,
     lerp_mix,
     token_shift,
-    zigzag,
 )
 from rwkv_train.model.config import RWKVConfig
 from rwkv_train.model.rwkv4 import ChannelMix  # Eagle's ChannelMix is RWKV-4's, width 3.5C
@@ -51,15 +51,12 @@ class TimeMix(nn.Module):
         """The x052 init: mixes weight the current token (the lerp is reversed vs Finch)."""
         C = self.time_mix_k.shape[-1]
         r0, r1 = layer_ratios(self.layer_id, self.n_layer)
-        dd, e = channel_ramp(C, self.time_mix_k.device)
+        dd, _ = channel_ramp(C, self.time_mix_k.device)
         assign(self.time_mix_k, dd**r1)
         assign(self.time_mix_v, dd**r1 + 0.3 * r0)
         assign(self.time_mix_r, dd ** (0.5 * r1))
         assign(self.time_mix_g, dd ** (0.5 * r1))
-        assign(self.time_decay, -6 + 5 * e ** (0.7 + 1.3 * r0))
-        assign(self.time_faaaa, r0 * (1 - e) + 0.1 * zigzag(C, e.device))
-        assign(self.ln_x.weight, ((1 + self.layer_id) / self.n_layer) ** 0.7)
-        assign(self.ln_x.bias, 0.0)
+        init_matrix_wkv(self.time_decay, self.time_faaaa, self.ln_x, self.layer_id, self.n_layer)
 
     def forward(
         self, x: Tensor, shift: Tensor | None, state: Tensor | None

@@ -14,9 +14,9 @@ from rwkv_train.model.common import (
     Linear,
     assign,
     channel_ramp,
+    init_matrix_wkv,
     layer_ratios,
     token_shift,
-    zigzag,
 )
 from rwkv_train.model.config import RWKVConfig
 from rwkv_train.ops import wkv6
@@ -51,21 +51,18 @@ class TimeMix(nn.Module):
         """The Finch-era (mid-2024) init of the reference trainer; see the module docstring."""
         C = self.time_decay.shape[-1]
         r0, r1 = layer_ratios(self.layer_id, self.n_layer)
-        dd, e = channel_ramp(C, self.time_decay.device)
+        dd, _ = channel_ramp(C, self.time_decay.device)
         for name in ("x", "w", "k"):
             assign(getattr(self, f"time_maa_{name}"), 1 - dd**r1)
         assign(self.time_maa_v, 1 - (dd**r1 + 0.3 * r0))
         assign(self.time_maa_r, 1 - dd ** (0.5 * r1))
         assign(self.time_maa_g, 1 - dd ** (0.5 * r1))
-        assign(self.time_decay, -6 + 5 * e ** (0.7 + 1.3 * r0))
-        assign(self.time_faaaa, r0 * (1 - e) + 0.1 * zigzag(C, e.device))
+        init_matrix_wkv(self.time_decay, self.time_faaaa, self.ln_x, self.layer_id, self.n_layer)
         for lora in (self.time_maa_w1, self.time_decay_w1):
             assign(lora, 0.0)
         for lora in (self.time_maa_w2, self.time_decay_w2):
             if not lora.is_meta:
                 nn.init.uniform_(lora, -0.01, 0.01)
-        assign(self.ln_x.weight, ((1 + self.layer_id) / self.n_layer) ** 0.7)
-        assign(self.ln_x.bias, 0.0)
 
     def forward(
         self, x: Tensor, shift: Tensor | None, state: Tensor | None
