@@ -2,12 +2,15 @@
 
     python benchmarks/bench_wkv_gpu.py --out DIR  # on a CUDA machine
     python benchmarks/bench_wkv_gpu.py --dry-run  # tiny shapes on the CPU, to test the script
+    python benchmarks/bench_wkv_gpu.py --baseline OLD_CUDA_DIR --out DIR  # also time old kernels
 
 For each shape (B=8, T=4096, H=40, N=64: the Finch 3B layer; and B=1, T=16384, H=40), bf16:
 forward and forward+backward times (CUDA events, median after warm-up, so Triton's autotuning
 is done before timing) of ours (wkv6, wkv5) and fla's `chunk_rwkv6` and
 `fused_recurrent_rwkv6` (w passed as the log decay -exp(w), scale 1.0), with achieved GB/s and
 TFLOP/s against the card's ceilings measured here (a device copy, a bf16 matrix product).
+--baseline times a second copy of the CUDA sources (e.g. the previous commit's cuda/) as
+"baseline_wkv6", so a kernel change is measured against its predecessor in the same run.
 Accuracy: relative error of each against the float64 recurrence at a shorter T (output and
 gradients). Needs torch only; fla is optional (skipped with a note if it does not import).
 Every part is guarded, so one failure does not stop the rest; results go to stdout and, with
@@ -33,6 +36,15 @@ from rwkv_train.ops import fused, loader
 from rwkv_train.ops.testing import compare, make_case
 
 RESULTS: dict = {"device": None, "ceilings": {}, "timings": [], "errors": [], "notes": []}
+OUT: Path | None = None  # --out: results are rewritten there after every row
+
+
+def save() -> None:
+    """Write what is measured so far, so a run cut off by a time limit keeps its rows."""
+    if OUT is not None:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "bench_wkv_gpu.json").write_text(json.dumps(RESULTS, indent=1))
+        (OUT / "bench_wkv_gpu.md").write_text(markdown() + "\n")
 
 
 def note(msg: str) -> None:
@@ -98,9 +110,40 @@ def import_fla():
     return {"fla_chunk": chunk_rwkv6, "fla_fused_recurrent": fused_recurrent_rwkv6}
 
 
-def impls(fla: dict) -> dict[str, Callable]:
+def load_baseline(src: Path) -> Callable:
+    """wkv6 of the CUDA sources in `src`, built as a separate extension, with autograd."""
+    from torch.utils.cpp_extension import load
+
+    paths = [str(src / name) for name in loader.CUDA_SOURCES]
+    mod = load(
+        name="rwkv_wkv_cuda_baseline",
+        sources=paths,
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--extra-device-vectorization"],
+        extra_include_paths=[str(src)],
+    )
+
+    class Baseline(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, r, k, v, w, u, s0):
+            ctx.save_for_backward(r, k, v, w, u, s0)
+            return tuple(mod.wkv56_forward(r, k, v, w, u, s0, False))
+
+        @staticmethod
+        def backward(ctx, gy, gsT):
+            r, k, v, w, u, s0 = ctx.saved_tensors
+            return tuple(
+                mod.wkv56_backward(r, k, v, w, u, s0, gy.contiguous(), gsT.contiguous(), False)
+            )
+
+    return Baseline.apply
+
+
+def impls(fla: dict, baseline: Callable | None) -> dict[str, Callable]:
     """name -> f(r, k, v, w_raw, u, s0) -> (y, sT); fla gets the log decay -exp(w) in fp32."""
     out: dict[str, Callable] = {"ours_wkv6": fused.wkv6}
+    if baseline is not None:
+        out["baseline_wkv6"] = baseline
     for name, fn in fla.items():
 
         def call(r, k, v, w, u, s0, _fn=fn):
@@ -135,6 +178,7 @@ def accuracy(fns: dict[str, Callable], device: str, small: bool) -> None:
         if errs:
             note(f"error vs float64 ours_wkv5 {str(dtype)[6:]}: max {max(errs.values()):.2e}")
             RESULTS["errors"].append({"impl": "ours_wkv5", "dtype": str(dtype)[6:], **errs})
+        save()
 
 
 # ----------------------------------------------------------------------------- speed
@@ -156,8 +200,8 @@ def speed(fns: dict[str, Callable], device: str, small: bool, reps: int) -> None
     for B, T, H, N in shapes:
         case = make_case("wkv6", B=B, T=T, H=H, N=N, dtype=torch.bfloat16, device=device)
         case5 = make_case("wkv5", B=B, T=T, H=H, N=N, dtype=torch.bfloat16, device=device)
-        todo = dict(fns)
-        todo["ours_wkv5"] = fused.wkv5
+        # ours first: fla's autotuning may use up the time a short GPU lease has left
+        todo = {"ours_wkv6": fns["ours_wkv6"], "ours_wkv5": fused.wkv5, **fns}
         for name, fn in todo.items():
             args = case5.args if name == "ours_wkv5" else case.args
             guarded(f"speed {name} {B}x{T}", time_one, name, fn, args, (B, T, H, N), device, reps)
@@ -208,6 +252,7 @@ def time_one(name, fn, args, shape, device, reps) -> None:
             f"{name:22s} {mode:8s} B={B} T={T} H={H}: {ms:8.3f} ms  {row['Mtok_s']:7.2f} Mtok/s"
             f"  {row['GBps']:7.1f} GB/s  {row['TFLOPs']:6.2f} TFLOP/s"
         )
+    save()
 
 
 # ----------------------------------------------------------------------------- report
@@ -236,7 +281,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="folder for bench_wkv_gpu.json / .md")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (script test)")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--baseline", type=Path, help="folder of other CUDA sources to time too")
     args = p.parse_args()
+    global OUT
+    OUT = args.out
     device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
     small = device == "cpu"
     if small and not args.dry_run:
@@ -251,18 +299,19 @@ def main() -> int:
     if ok is None:
         return 1
     fla = import_fla() if device == "cuda" else {}
-    fns = impls(fla)
+    baseline = None
+    if args.baseline and device == "cuda":
+        t0 = time.perf_counter()
+        baseline = guarded("baseline build", load_baseline, args.baseline)
+        note(f"baseline from {args.baseline}: built in {time.perf_counter() - t0:.1f} s")
+    fns = impls(fla, baseline)
     guarded("ceilings", measure_ceilings, device, small)
     # Speed first: fla's Triton autotuning and the float64 references are slow, and the
     # timings are what a short GPU lease must not lose.
     guarded("speed", speed, fns, device, small, 2 if small else args.reps)
     guarded("accuracy", accuracy, fns, device, small)
-    md = markdown()
-    print("\n" + md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_wkv_gpu.json").write_text(json.dumps(RESULTS, indent=1))
-        (args.out / "bench_wkv_gpu.md").write_text(md + "\n")
+    print("\n" + markdown())
+    save()
     failed = [n for n in RESULTS["notes"] if n.startswith("FAILED")]
     return 1 if failed else 0
 

@@ -7,8 +7,10 @@
 # Needs only torch (+ pytest for the tests, ninja and nvcc for the build). fla-core is
 # installed offline from .whl/ when that folder holds its wheel (`pip download --no-deps
 # fla-core -d .whl` on a machine with internet). Every step is guarded and time-limited, so
-# one failure does not stop the rest; everything goes to stdout and to $OUT (7 files).
-# Worst case about 9 minutes (the three time limits); expected 3 to 5.
+# one failure does not stop the rest; everything goes to stdout and to $OUT.
+# BASELINE=folder of other CUDA sources (e.g. a copy of the previous commit's cuda/) also
+# times those kernels, built in the background while the tests run.
+# Worst case about 9.5 minutes (the time limits); expected 5 to 8, most of it fla's autotuning.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -42,17 +44,25 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
+BENCH_ARGS=()
+if [ -n "${BASELINE:-}" ] && [ -d "$BASELINE" ]; then
+    BENCH_ARGS=(--baseline "$BASELINE")
+    (timeout 300 $PY -c 'import sys; from pathlib import Path; sys.path.insert(0, "benchmarks")
+from bench_wkv_gpu import load_baseline; load_baseline(Path(sys.argv[1])); print("baseline built")' \
+        "$BASELINE" >"$OUT/baseline_build.log" 2>&1 &)
+fi
+
 # 1. Build both extensions, timed (the CUDA one for this GPU's compute capability only).
 step build 180 $PY -m rwkv_train.ops.build --target all
 $PY -c 'import rwkv_train.ops as o; print("import rwkv_train.ops: ok", o.__all__)' 2>&1 | tee -a "$SUMMARY"
 
 # 2. Correctness: CUDA vs float64 reference (and the model, where it imports here).
 #    --noconftest: the suite's conftest may need packages this machine lacks.
-step test_cuda 180 $PY -m pytest tests/test_ops_cuda.py -q -rA --noconftest -p no:cacheprovider \
+step test_cuda 150 $PY -m pytest tests/test_ops_cuda.py -q -rA --noconftest -p no:cacheprovider \
     --durations=10
 
 # 3. Speed and accuracy against fla.
-step bench 150 $PY benchmarks/bench_wkv_gpu.py --out "$OUT"
+step bench 330 $PY benchmarks/bench_wkv_gpu.py --out "$OUT" "${BENCH_ARGS[@]}"
 
 echo "=== summary"
 cat "$SUMMARY"
