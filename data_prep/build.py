@@ -106,14 +106,24 @@ class BuildError(RuntimeError):
     """A build that cannot proceed (bad settings, a changed input under resume, bad input)."""
 
 
+# Keys of a corpus source that only document it (conf/corpus/world_v2.yaml); any other key
+# that SourceSpec lacks is a typo and an error.
+DOC_KEYS = frozenset({"domain", "note"})
+
+
 def source_specs(cfg: BuildConfig) -> list[SourceSpec]:
     """The sources of a build: the corpus config's, then one per quick-form input."""
     specs: list[SourceSpec] = []
     corpus = cfg.corpus or {}
-    for entry in corpus.get("sources", []) or []:
-        entry = dict(entry)
-        for key in [k for k in entry if k not in SourceSpec.__dataclass_fields__]:
-            entry.pop(key)  # documentation-only keys (weights, token counts, notes)
+    for i, entry in enumerate(corpus.get("sources", []) or []):
+        entry = {k: v for k, v in dict(entry).items() if k not in DOC_KEYS}
+        unknown = sorted(set(entry) - set(SourceSpec.__dataclass_fields__))
+        if unknown:
+            known = sorted(SourceSpec.__dataclass_fields__) + sorted(DOC_KEYS)
+            raise BuildError(
+                f"corpus source {i} ({entry.get('name')}): unknown keys {unknown}; "
+                f"a source takes {known}"
+            )
         entry["paths"] = list(entry.get("paths") or [])
         specs.append(SourceSpec(**entry))
     for path in cfg.inputs:

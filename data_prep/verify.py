@@ -134,10 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verify: {args.folder}: FAILED ({len(problems)} problems)", file=sys.stderr)
         return 1
     manifest = read_manifest(args.folder)
-    print(
-        f"verify: {args.folder}: OK, {len(manifest['shards'])} shards, "
-        f"{manifest['total_tokens']} tokens"
-    )
+    total = manifest["total_tokens"]
+    print(f"verify: {args.folder}: OK, {len(manifest['shards'])} shards, {total} tokens")
+    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for shard in manifest["shards"]:
+        per_source[shard["source"]][0] += shard["documents"]
+        per_source[shard["source"]][1] += shard["tokens"]
+    for name, (docs, tokens) in per_source.items():  # the natural mixture of this build
+        share = 100 * tokens / total if total else 0.0
+        print(f"  {name}: {docs} documents, {tokens} tokens ({share:.2f} %)")
     return 0
 
 

@@ -134,3 +134,13 @@ def test_good_config_validates(data: Path, tmp_path: Path) -> None:
     assert plan.accumulate == 4
     assert plan.model.vocab_size == 128
     assert plan.model.ctx_len == 16
+
+
+def test_world_v2_data_config_asks_for_its_path() -> None:
+    """conf/data/world_v2.yaml reads one build as it is (the paper's mixture): no weights,
+    and nothing runs until data.path names the build."""
+    cfg = compose_train(["data=world_v2"])
+    assert cfg.data.path is None and cfg.data.ctx_len == cfg.model.ctx_len
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.field == "data.path"

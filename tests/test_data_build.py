@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_prep.build import BuildConfig, build, config_from_hydra, source_specs
+from data_prep.build import BuildConfig, BuildError, build, config_from_hydra, source_specs
 from data_prep.encode import val_split
 from data_prep.merge import MergeError, merge
 from data_prep.sources import BadInputError
@@ -281,6 +281,8 @@ def test_verify_catches_a_flipped_byte(tmp_path, capsys):
     out = tmp_path / "out"
     manifest = build(cfg(out, [src]))
     assert verify_main([str(out)]) == 0
+    tokens = manifest["total_tokens"]
+    assert f"  a: 30 documents, {tokens} tokens (100.00 %)" in capsys.readouterr().out
     prefix = manifest["shards"][0]["prefix"]
     for suffix, offset in ((".bin", 7), (".idx", 40)):
         path = out / f"{prefix}{suffix}"
@@ -352,14 +354,25 @@ def test_configs_compose():
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         c = config_from_hydra(compose("data_prep", ["corpus=world_v2", "output_dir=x"]))
         specs = source_specs(c)
-        assert [s.name for s in specs][:3] == ["pile", "slimpajama", "starcoder"]
+        # the paper's Table 9: 59 components, in its order
+        assert len(specs) == 59
+        assert [s.name for s in specs][:3] == ["wikipedia", "slimpajama", "pes2o"]
         assert all(s.paths[0].startswith("/path/to/world_v2/") for s in specs)
+        assert {s.name for s in specs if s.text_field == "content"} == {"starcoder", "oscar_2301"}
         c = config_from_hydra(
             compose("data_prep", ["corpus=demo", "corpus.root=r", "output_dir=x"])
         )
         assert [s.name for s in source_specs(c)] == ["stdlib_code", "stdlib_docs", "cjk"]
         with pytest.raises(Exception, match="not_a_key"):
             config_from_hydra(compose("data_prep", ["+not_a_key=1", "output_dir=x"]))
+
+
+def test_corpus_source_with_a_misspelt_key_is_an_error(tmp_path):
+    corpus = {"sources": [{"name": "a", "paths": ["x.jsonl"], "text_feild": "body"}]}
+    with pytest.raises(BuildError, match=r"source 0 \(a\): unknown keys \['text_feild'\]"):
+        source_specs(cfg(tmp_path, [], corpus=corpus))
+    corpus["sources"][0] = {"name": "a", "paths": ["x.jsonl"], "domain": "Web", "note": "n"}
+    assert source_specs(cfg(tmp_path, [], corpus=corpus))[0].name == "a"  # documentation keys
 
 
 @pytest.mark.slow
