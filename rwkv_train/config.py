@@ -317,10 +317,6 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
         raise ConfigError("resume", f"no checkpoint at {resume}")
     if init_from is not None and not Path(init_from).is_file():
         raise ConfigError("model.init_from", f"no file at {init_from}")
-    if init_from is not None and ds.stage == 3:
-        raise ConfigError(
-            "model.init_from", "is not supported with deepspeed.stage=3 yet; start under zero2"
-        )
     if model.ctx_len != d.ctx_len:
         model = RWKVConfig.from_dict({**model.to_dict(), "ctx_len": d.ctx_len})
     return Plan(tc, model, sources, accumulate, world_size, init_from)

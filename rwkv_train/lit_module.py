@@ -56,20 +56,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_pth(net: RWKV, path: str) -> None:
-    """Load a reference-layout .pth (weights only, any float dtype) into `net`."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    own = net.state_dict()
-    missing = sorted(set(own) - set(sd))
-    extra = sorted(set(sd) - set(own))
+def _read_pth(path: str, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """A reference-layout .pth checked against the model's parameter shapes (memory-mapped:
+    a 14B file is not read into memory at once)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the pre-zip format of old torch.save cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    missing = sorted(set(shapes) - set(sd))
+    extra = sorted(set(sd) - set(shapes))
     if missing or extra:
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
     for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model {own[k].shape}")
+        if v.shape != shapes[k]:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model {shapes[k]}")
+    return sd
+
+
+def load_pth(net: RWKV, path: str) -> None:
+    """Load a reference-layout .pth (weights only, any float dtype) into `net`."""
+    own = net.state_dict()
+    sd = _read_pth(path, {k: v.shape for k, v in own.items()})
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(sd[k].to(p.dtype))
+
+
+def _load_pth_partitioned(net: RWKV, path: str) -> None:
+    """`load_pth` for a model whose parameters ZeRO-3 has partitioned: one module's own
+    parameters are gathered at a time, rank 0 copies the file's values in, and leaving the
+    gather hands every rank its partition. Every rank checks the file (shapes from ds_shape)."""
+    import torch.distributed as dist
+    from deepspeed import zero
+    from deepspeed.runtime.zero.partition_parameters import (
+        restore_init_context,
+        shutdown_init_context,
+    )
+
+    shutdown_init_context()  # zero.Init's patched tensor constructors break torch.load
+    try:
+        params = dict(net.named_parameters())
+        sd = _read_pth(path, {k: p.ds_shape for k, p in params.items()})
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        for prefix, module in net.named_modules():
+            own = list(module.named_parameters(prefix=prefix, recurse=False))
+            if not own:
+                continue
+            with zero.GatheredParameters([p for _, p in own], modifier_rank=0), torch.no_grad():
+                if rank0:
+                    for name, p in own:
+                        p.copy_(sd[name].to(p.dtype))
+    finally:
+        restore_init_context()
 
 
 def architecture(cfg: RWKVConfig) -> dict[str, Any]:
@@ -154,12 +192,14 @@ class RWKVLitModule(L.LightningModule):
         if self.net is not None:
             return
         if self._zero_stage() == 3:
-            if self.init_from:
-                raise ValueError("model.init_from is not supported with deepspeed.stage=3")
             rng = torch.get_rng_state()
             net = RWKV(self.model_cfg)
             torch.set_rng_state(rng)  # initialise from the RNG state a meta build would see
-            _init_partitioned(net)
+            if self.init_from:  # every parameter comes from the file: no init needed
+                _load_pth_partitioned(net, self.init_from)
+                log.info("initialised the weights from %s", self.init_from)
+            else:
+                _init_partitioned(net)
             self.net = net
             return
         with torch.device("meta"):

@@ -225,7 +225,7 @@ def test_zero3_export_loads_in_rwkv_package(
     assert_matches_rwkv_package(pth, [5, 17, 99, 3, 0, 42, 7, 120], monkeypatch)
 
 
-def _build_partitioned(rank: int, port: int, out: str) -> None:
+def _build_partitioned(rank: int, port: int, out: str, *extra: str) -> None:
     """One rank: configure_model under deepspeed.zero.Init, then gather the full weights."""
     import deepspeed
     import torch.distributed as dist
@@ -238,8 +238,8 @@ def _build_partitioned(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     deepspeed.init_distributed("gloo", dist_init_required=False)
-    plan = validate(compose_config(build_overrides(out)))
-    module = RWKVLitModule(plan.cfg, plan.model, plan.accumulate)
+    plan = validate(compose_config(build_overrides(out, *extra)))
+    module = RWKVLitModule(plan.cfg, plan.model, plan.accumulate, plan.init_from)
     torch.manual_seed(plan.cfg.seed)
     config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
     with deepspeed.zero.Init(config_dict_or_path=config):
@@ -253,10 +253,10 @@ def _build_partitioned(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def build_overrides(out: str) -> list[str]:
+def build_overrides(out: str, *extra: str) -> list[str]:
     data = Path(out).parent / "data"
     run_dir = Path(out).parent / "run"
-    return train_overrides(data, run_dir, *SAME, "deepspeed=zero3", "trainer.devices=2")
+    return train_overrides(data, run_dir, *SAME, "deepspeed=zero3", "trainer.devices=2", *extra)
 
 
 def test_zero3_partitioned_build_equals_eager_build(tmp_path: Path) -> None:
@@ -282,3 +282,32 @@ def test_zero3_partitioned_build_equals_eager_build(tmp_path: Path) -> None:
         assert torch.equal(got["full"][k], v), (k, (got["full"][k] - v).abs().max())
     big = "blocks.0.att.key.weight"  # partitioned: rank 0 holds half of it
     assert got["local"][big] == eager[big].numel() // 2
+
+
+def test_zero3_init_from_fills_every_partition(tmp_path: Path) -> None:
+    """model.init_from under ZeRO-3: the partitioned model gathers back to exactly the file's
+    weights (given in bf16, as reference checkpoints are), and stays partitioned."""
+    tiny_data(tmp_path / "data")
+    out = str(tmp_path / "built.pt")
+
+    from rwkv_train.config import validate
+    from rwkv_train.model import RWKV
+
+    plan = validate(compose_config(build_overrides(out)))
+    torch.manual_seed(123)
+    ref = {
+        k: (v + 0.01 * torch.randn_like(v)).bfloat16()
+        for k, v in RWKV(plan.model).state_dict().items()
+    }
+    pth = tmp_path / "start.pth"
+    torch.save(ref, pth)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(
+        _build_partitioned, args=(free_port(), out, f"model.init_from={pth}"), nprocs=2, join=True
+    )
+    got = torch.load(out, weights_only=True)
+    assert set(got["full"]) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(got["full"][k], v.float()), k
+    big = "blocks.0.att.key.weight"
+    assert got["local"][big] == ref[big].numel() // 2
