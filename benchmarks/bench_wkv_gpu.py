@@ -4,7 +4,8 @@
     python benchmarks/bench_wkv_gpu.py --dry-run  # tiny shapes on the CPU, to test the script
     python benchmarks/bench_wkv_gpu.py --baseline OLD_CUDA_DIR --out DIR  # also time old kernels
 
-For each shape (B=8, T=4096, H=40, N=64: the Finch 3B layer; and B=1, T=16384, H=40), bf16:
+For each shape (B=8, T=4096, H=40, N=64: the Finch 3B layer; B=2, T=4096, H=40: that layer at
+the micro-batch of conf/experiment/finch_3b.yaml; and B=1, T=16384, H=40), bf16:
 forward and forward+backward times (CUDA events, median after warm-up, so Triton's autotuning
 is done before timing) of ours (wkv6, wkv5) and fla's `chunk_rwkv6` and
 `fused_recurrent_rwkv6` (w passed as the log decay -exp(w), scale 1.0), with achieved GB/s and
@@ -196,7 +197,9 @@ def flops_bytes(B: int, T: int, H: int, N: int, backward: bool) -> tuple[float, 
 
 
 def speed(fns: dict[str, Callable], device: str, small: bool, reps: int) -> None:
-    shapes = [(1, 32, 2, 64), (1, 64, 2, 64)] if small else [(8, 4096, 40, 64), (1, 16384, 40, 64)]
+    shapes = [(1, 32, 2, 64), (1, 64, 2, 64)]
+    if not small:
+        shapes = [(8, 4096, 40, 64), (2, 4096, 40, 64), (1, 16384, 40, 64)]
     for B, T, H, N in shapes:
         case = make_case("wkv6", B=B, T=T, H=H, N=N, dtype=torch.bfloat16, device=device)
         case5 = make_case("wkv5", B=B, T=T, H=H, N=N, dtype=torch.bfloat16, device=device)
