@@ -14,8 +14,8 @@ partition (zero_pp_rank_{R}_*_optim_states.pt, and under stage 3 its parameters)
 temporary folder, all ranks meet at a barrier, and only then does rank 0 rename the folder
 and write the record (which also holds the world size). A folder is valid when its record
 exists, its size matches and one optimizer partition per rank is present. Partitions only
-fit the world size they were written with, so resuming with another number of ranks is
-refused by `check_resumable` (export the weights and start a new run from them instead).
+fit the world size they were written with: resuming with another number of ranks goes
+through the universal form of the checkpoint (rwkv_train/reshard.py).
 """
 
 import json
@@ -94,8 +94,9 @@ def find_latest(folder: Path) -> Path | None:
     return None
 
 
-def check_resumable(path: Path, world_size: int, zero_stage: int) -> None:
-    """Refuse, with what to do instead, a checkpoint this run's strategy cannot continue."""
+def check_resumable(path: Path, world_size: int, zero_stage: int) -> bool:
+    """Refuse, with what to do instead, a checkpoint this run's strategy cannot continue;
+    True when it is a ZeRO checkpoint of another rank count (to be resharded)."""
     sharded = Path(path).is_dir()
     if sharded and zero_stage == 0:
         raise ValueError(
@@ -109,15 +110,7 @@ def check_resumable(path: Path, world_size: int, zero_stage: int) -> None:
             "resume with the strategy it was written with (deepspeed=none), or start a new run "
             "from its exported weights with model.init_from"
         )
-    if sharded:
-        saved = _record(Path(path)).get("world_size", 1)
-        if saved != world_size:
-            raise ValueError(
-                f"{path} was written by {saved} ranks, this run has {world_size} "
-                "(trainer.devices x trainer.num_nodes): ZeRO partitions only fit the world size "
-                f"that wrote them. Resume with {saved} ranks, or export the weights (python -m "
-                "rwkv_train.export) and start a new run from them with model.init_from"
-            )
+    return sharded and _record(Path(path)).get("world_size", 1) != world_size
 
 
 def checkpoint_step(path: Path) -> int:
@@ -134,6 +127,7 @@ def _remove(path: Path) -> None:
     else:
         path.unlink(missing_ok=True)
     path.with_suffix(".json").unlink(missing_ok=True)
+    shutil.rmtree(path.with_name(path.name + ".universal"), ignore_errors=True)  # reshard.py
 
 
 class CheckpointManager(L.Callback):

@@ -28,6 +28,7 @@ from rwkv_train.config import TrainConfig
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.optim import L2Wrap, LRSchedule, build_optimizer
+from rwkv_train.reshard import INFO_KEY as UNIVERSAL_INFO_KEY
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +377,7 @@ class RWKVLitModule(L.LightningModule):
             "nonfinite_count": self.nonfinite_count,
             "model_config": architecture(self.model_cfg),
         }
+        checkpoint[UNIVERSAL_INFO_KEY] = {}  # lets a ZeRO checkpoint be resharded (reshard.py)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint["rwkv_train"]

@@ -23,8 +23,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from rwkv_train.config import TrainConfig
 
 
-def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
-    """DeepSpeed's config dict for a ZeRO stage 1-3 run of `tc`."""
+def deepspeed_config(tc: TrainConfig, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config dict for a ZeRO stage 1-3 run of `tc`; `load_universal` when it
+    resumes from a universal checkpoint (rwkv_train/reshard.py)."""
     ds = tc.deepspeed
     zero: dict[str, Any] = {
         "stage": ds.stage,
@@ -40,7 +41,7 @@ def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": ds.pin_memory}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": ds.pin_memory}
-    return {
+    config: dict[str, Any] = {
         "zero_optimization": zero,
         # the optimizer is the module's own torch AdamW (parameter groups, LR multipliers)
         "zero_allow_untested_optimizer": True,
@@ -49,6 +50,9 @@ def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # metrics.jsonl has the numbers; keep the log quiet
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
 
 
 class RWKVDeepSpeedStrategy(DeepSpeedStrategy):

@@ -29,6 +29,7 @@ from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
 from rwkv_train.preempt import Preempted, PreemptionCallback, slurm_plugins
+from rwkv_train.reshard import ensure_universal
 from rwkv_train.samples import SampleLogger
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,14 @@ def callbacks(tc: TrainConfig, run_dir: Path) -> list[L.Callback]:
     return out
 
 
-def make_strategy(tc: TrainConfig) -> Strategy | str:
+def make_strategy(tc: TrainConfig, load_universal: bool = False) -> Strategy | str:
     """DeepSpeed when a ZeRO stage is chosen, else `trainer.strategy` ("auto" becomes plain
     DDP when there is more than one process)."""
     t = tc.trainer
     if tc.deepspeed.stage > 0:
         from rwkv_train.strategy import RWKVDeepSpeedStrategy, deepspeed_config
 
-        return RWKVDeepSpeedStrategy(config=deepspeed_config(tc))
+        return RWKVDeepSpeedStrategy(config=deepspeed_config(tc, load_universal))
     if t.strategy == "auto" and t.devices * t.num_nodes > 1:
         return "ddp"
     return t.strategy
@@ -141,8 +142,11 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         run_dir / "sample_ids" if tc.data.record_sample_ids else None,
     )
     ckpt = resume_from(plan, run_dir)
-    if ckpt is not None:
-        check_resumable(ckpt, plan.world_size, tc.deepspeed.stage)
+    load_path = ckpt
+    reshard = ckpt is not None and check_resumable(ckpt, plan.world_size, tc.deepspeed.stage)
+    if reshard:
+        load_path = ensure_universal(ckpt)
+        log.info("%s was written by another rank count: loading %s", ckpt, load_path)
     loggers = make_loggers(plan, run_dir)
     if ckpt is not None:
         log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
@@ -155,7 +159,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=make_strategy(tc),
+        strategy=make_strategy(tc, load_universal=reshard),
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=-1,
@@ -176,7 +180,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         plugins=slurm_plugins(),
     )
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=False)
+        trainer.fit(module, datamodule=data, ckpt_path=load_path, weights_only=False)
     finally:
         close_loggers(loggers)
         if dist.is_available() and dist.is_initialized():
