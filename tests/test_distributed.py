@@ -368,3 +368,23 @@ def test_reshard_command_converts_a_checkpoint_saved_without_the_universal_key(
     assert (out / tag / "zero" / "net.head.weight" / "exp_avg.pt").is_file()
     assert INFO_KEY not in torch.load(states, weights_only=False)  # the original is untouched
     assert main([str(tmp_path / "nowhere")]) == 1
+
+
+def test_zero1_run_matches_zero2(runs: dict[str, Path], tmp_path: Path) -> None:
+    """deepspeed=zero1 (optimizer state partitioned, gradients not) trains the same steps as
+    the ZeRO-2 run to fp32 rounding, and writes one optimizer partition per rank."""
+    run_dir = tmp_path / "zero1"
+    launch(
+        command(
+            runs["data"], run_dir, "deepspeed=zero1", "trainer.max_steps=4",
+            "checkpoint.every_n_steps=2",
+        ),
+        runs["root"],
+    )  # fmt: skip
+    got, want = history(run_dir), history(runs["zero2"])
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+    for (s, a), (_, b) in zip(got, want, strict=True):
+        assert abs(a - b) <= 1e-5, (s, a, b)
+    ckpt = find_latest(run_dir / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step00000004.ckpt"
+    assert {p.name.split("_")[3] for p in ckpt.rglob("zero_pp_rank_*optim_states.pt")} == {"0", "1"}
