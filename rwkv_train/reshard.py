@@ -113,12 +113,21 @@ def global_rank_from_env() -> int:
 
 
 def ensure_universal(ckpt: Path, timeout_s: float = 3600.0) -> Path:
-    """The universal form of `ckpt`: rank 0 builds it, every other rank waits for it."""
+    """The universal form of `ckpt`: rank 0 builds it, every other rank waits for it (and
+    stops too if rank 0's conversion fails: rank 0 leaves the error in <out>.failed)."""
     out = universal_path(ckpt)
+    failed = out.with_name(out.name + ".failed")
     if global_rank_from_env() == 0:
-        return make_universal(ckpt)
+        failed.unlink(missing_ok=True)
+        try:
+            return make_universal(ckpt)
+        except Exception as exc:
+            failed.write_text(str(exc))
+            raise
     deadline = time.monotonic() + timeout_s
     while not (out / "latest_universal").is_file():
+        if failed.is_file():
+            raise RuntimeError(f"rank 0 could not convert {ckpt}: {failed.read_text()[-2000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"rank 0 did not finish converting {ckpt} in {timeout_s:.0f} s; run "

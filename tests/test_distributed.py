@@ -388,3 +388,19 @@ def test_zero1_run_matches_zero2(runs: dict[str, Path], tmp_path: Path) -> None:
     ckpt = find_latest(run_dir / "checkpoints")
     assert ckpt is not None and ckpt.name == "step00000004.ckpt"
     assert {p.name.split("_")[3] for p in ckpt.rglob("zero_pp_rank_*optim_states.pt")} == {"0", "1"}
+
+
+def test_other_ranks_stop_when_rank_zero_cannot_convert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed conversion on rank 0 must not leave the other ranks waiting for an hour."""
+    from rwkv_train import reshard
+
+    ckpt = tmp_path / "step00000002.ckpt"
+    ckpt.mkdir()  # no `latest`: not a DeepSpeed checkpoint, so rank 0's conversion fails
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="no 'latest' file"):
+        reshard.ensure_universal(ckpt)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match=r"rank 0 could not convert .*no 'latest' file"):
+        reshard.ensure_universal(ckpt, timeout_s=30)
