@@ -127,7 +127,10 @@ def _remove(path: Path) -> None:
     else:
         path.unlink(missing_ok=True)
     path.with_suffix(".json").unlink(missing_ok=True)
-    shutil.rmtree(path.with_name(path.name + ".universal"), ignore_errors=True)  # reshard.py
+    from rwkv_train.reshard import failed_path, universal_path  # its derived copies
+
+    shutil.rmtree(universal_path(path), ignore_errors=True)
+    failed_path(path).unlink(missing_ok=True)
 
 
 class CheckpointManager(L.Callback):

@@ -45,6 +45,11 @@ def universal_path(ckpt: Path) -> Path:
     return ckpt.with_name(ckpt.name + SUFFIX)
 
 
+def failed_path(ckpt: Path) -> Path:
+    """Where rank 0 leaves the error of a failed conversion for the ranks waiting on it."""
+    return ckpt.with_name(ckpt.name + SUFFIX + ".failed")
+
+
 def _tag(ckpt: Path) -> str:
     latest = ckpt / "latest"
     if not latest.is_file():
@@ -100,24 +105,25 @@ def make_universal(ckpt: Path, workers: int = 4) -> Path:
     return out
 
 
-def global_rank_from_env() -> int:
-    """This process's global rank before torch.distributed starts: RANK (torchrun,
-    Lightning's children), SLURM_PROCID under a multi-task srun, else 0 (the launching
-    process)."""
+def is_rank_zero() -> bool:
+    """Whether this process will be global rank 0, before torch.distributed starts: from
+    RANK (torchrun, Lightning's child processes), SLURM_PROCID under a multi-task srun, else
+    NODE_RANK and LOCAL_RANK (unset in the process that launches the others)."""
     if "RANK" in os.environ:
-        return int(os.environ["RANK"])
+        return int(os.environ["RANK"]) == 0
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
-    node, local = int(os.environ.get("NODE_RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0 if node == 0 and local == 0 else 1
+        return int(os.environ["SLURM_PROCID"]) == 0
+    return (
+        int(os.environ.get("NODE_RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    )
 
 
 def ensure_universal(ckpt: Path, timeout_s: float = 3600.0) -> Path:
     """The universal form of `ckpt`: rank 0 builds it, every other rank waits for it (and
     stops too if rank 0's conversion fails: rank 0 leaves the error in <out>.failed)."""
     out = universal_path(ckpt)
-    failed = out.with_name(out.name + ".failed")
-    if global_rank_from_env() == 0:
+    failed = failed_path(ckpt)
+    if is_rank_zero():
         failed.unlink(missing_ok=True)
         try:
             return make_universal(ckpt)
