@@ -209,6 +209,13 @@ def test_partial_zero_checkpoint_skipped_and_world_size_change_detected(
     assert newest is not None and newest.name == f"step{STEPS:08d}.ckpt"
     assert check_resumable(newest, 2, 3) is False
     assert check_resumable(newest, 1, 3) is True  # another rank count: to be resharded
+    with pytest.raises(ValueError, match="written under ZeRO stage 3 but this run uses stage 2"):
+        check_resumable(newest, 2, 2)
+    zero2 = find_latest(runs["zero2"] / "checkpoints")
+    assert zero2 is not None
+    with pytest.raises(ValueError, match="written under ZeRO stage 1 or 2 but this run uses"):
+        check_resumable(zero2, 2, 3)
+    assert check_resumable(zero2, 2, 1) is False  # stages 1 and 2 share a layout
     with pytest.raises(ValueError, match="deepspeed=none"):
         check_resumable(newest, 2, 0)
     next(newest.rglob("zero_pp_rank_1_*optim_states.pt")).unlink()  # rank 1 never finished
