@@ -34,6 +34,15 @@ def _vocab_limit() -> tuple[int, str | None]:
     return len(read_vocab(path)), sha256_file(path)
 
 
+def per_source(manifest: dict[str, Any]) -> dict[str, list[int]]:
+    """[documents, tokens] in the shards of each source, as the manifest lists them."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for shard in manifest["shards"]:
+        counts[shard["source"]][0] += shard["documents"]
+        counts[shard["source"]][1] += shard["tokens"]
+    return counts
+
+
 def verify(folder: str | Path, checksums: bool = True) -> list[str]:
     """All problems found in a built corpus folder (an empty list means it is sound)."""
     folder = Path(folder)
@@ -49,19 +58,17 @@ def verify(folder: str | Path, checksums: bool = True) -> list[str]:
             f"tokenizer: built with vocabulary sha256 {tok.get('sha256')}, "
             f"the installed {tok.get('name')} has {vocab_sha}"
         )
-    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     listed = set()
     for shard in manifest["shards"]:
         listed.add(shard["prefix"])
         problems += _check_shard(folder, shard, checksums, limit)
-        per_source[shard["source"]][0] += shard["documents"]
-        per_source[shard["source"]][1] += shard["tokens"]
+    found = per_source(manifest)
     total = sum(s["tokens"] for s in manifest["shards"])
     if total != manifest["total_tokens"]:
         problems.append(f"total_tokens is {manifest['total_tokens']}, the shards hold {total}")
     for src in manifest["sources"]:
-        problems += _check_source(src, per_source.pop(src["name"], [0, 0]))
-    for name in per_source:
+        problems += _check_source(src, found.pop(src["name"], [0, 0]))
+    for name in found:
         problems.append(f"shards of source {name!r}, which is not in the sources list")
     for idx in sorted(folder.rglob("*.idx")):
         prefix = idx.relative_to(folder).with_suffix("").as_posix()
@@ -136,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(args.folder)
     total = manifest["total_tokens"]
     print(f"verify: {args.folder}: OK, {len(manifest['shards'])} shards, {total} tokens")
-    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for shard in manifest["shards"]:
-        per_source[shard["source"]][0] += shard["documents"]
-        per_source[shard["source"]][1] += shard["tokens"]
-    for name, (docs, tokens) in per_source.items():  # the natural mixture of this build
+    for name, (docs, tokens) in per_source(manifest).items():  # the build's natural mixture
         share = 100 * tokens / total if total else 0.0
         print(f"  {name}: {docs} documents, {tokens} tokens ({share:.2f} %)")
     return 0
