@@ -204,12 +204,16 @@ def speed(fns: dict[str, Callable], device: str, small: bool, reps: int) -> None
     # what a short GPU lease has left.
     todo = {"ours_wkv6": fns["ours_wkv6"], "ours_wkv5": fused.wkv5, **fns}
     ours = [n for n in todo if not n.startswith("fla")]
+    cases = {  # drawn once: a few GB at most, and drawing them takes seconds per shape
+        (shape, op): make_case(op, *shape, dtype=torch.bfloat16, device=device).args
+        for shape in shapes
+        for op in ("wkv6", "wkv5")
+    }
     for group in (ours, [n for n in todo if n not in ours]):
         for B, T, H, N in shapes:
-            case = make_case("wkv6", B=B, T=T, H=H, N=N, dtype=torch.bfloat16, device=device)
-            case5 = make_case("wkv5", B=B, T=T, H=H, N=N, dtype=torch.bfloat16, device=device)
             for name in group:
-                args = case5.args if name == "ours_wkv5" else case.args
+                op = "wkv5" if name == "ours_wkv5" else "wkv6"
+                args = cases[(B, T, H, N), op]
                 label = f"speed {name} {B}x{T}"
                 guarded(label, time_one, name, todo[name], args, (B, T, H, N), device, reps)
                 if device == "cuda":
