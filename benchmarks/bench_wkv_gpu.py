@@ -7,7 +7,8 @@
 For each shape (B=8, T=4096, H=40, N=64: the Finch 3B layer; B=2, T=4096, H=40: that layer at
 the micro-batch of conf/experiment/finch_3b.yaml; and B=1, T=16384, H=40), bf16:
 forward and forward+backward times (CUDA events, median after warm-up, so Triton's autotuning
-is done before timing) of ours (wkv6, wkv5) and fla's `chunk_rwkv6` and
+is done before timing) of ours (wkv6, wkv5; "ours_wkv6_unsplit" is the kernel without the time
+segments `ops/segments.py` adds where B x H leaves SMs idle) and fla's `chunk_rwkv6` and
 `fused_recurrent_rwkv6` (w passed as the log decay -exp(w), scale 1.0), with achieved GB/s and
 TFLOP/s against the card's ceilings measured here (a device copy, a bf16 matrix product).
 --baseline times a second copy of the CUDA sources (e.g. the previous commit's cuda/) as
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rwkv_train.ops import fused, loader
+from rwkv_train.ops import fused, loader, segments
 from rwkv_train.ops.testing import compare, make_case
 
 RESULTS: dict = {"device": None, "ceilings": {}, "timings": [], "errors": [], "notes": []}
@@ -142,7 +143,7 @@ def load_baseline(src: Path) -> Callable:
 
 def impls(fla: dict, baseline: Callable | None) -> dict[str, Callable]:
     """name -> f(r, k, v, w_raw, u, s0) -> (y, sT); fla gets the log decay -exp(w) in fp32."""
-    out: dict[str, Callable] = {"ours_wkv6": fused.wkv6}
+    out: dict[str, Callable] = {"ours_wkv6": fused.wkv6, "ours_wkv6_unsplit": torch.ops.rwkv.wkv6}
     if baseline is not None:
         out["baseline_wkv6"] = baseline
     for name, fn in fla.items():
@@ -162,7 +163,8 @@ def accuracy(fns: dict[str, Callable], device: str, small: bool) -> None:
     B, T, H = (1, 16, 2) if small else (2, 256, 4)
     for dtype in (torch.bfloat16, torch.float32):
         case = make_case("wkv6", B=B, T=T, H=H, dtype=dtype, device=device, seed=11)
-        for name, fn in fns.items():
+        split4 = {"ours_wkv6_4_segments": lambda *a: segments.wkv56(*a, 4, False)}
+        for name, fn in {**fns, **split4}.items():
             errs = guarded(f"accuracy {name} {dtype}", compare, case, fn)
             if errs is None:
                 continue

@@ -9,7 +9,8 @@ One body per op serves both devices: CPU tensors go to the C++ extension (float3
 outputs in the input dtypes), CUDA tensors to the CUDA extension (bf16 or float32 inputs,
 float32 state and accumulation). Extensions are built on the first call, never at import.
 The functions at the bottom (`wkv6`, `wkv5`, `wkv4`) are what `backend.resolve` hands out:
-they fill in a missing initial state and make the inputs contiguous.
+they fill in a missing initial state, make the inputs contiguous and, on a GPU with room to
+spare, run a long call as several time segments at once (`segments.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rwkv_train.ops import loader
+from rwkv_train.ops import loader, segments
 
 
 def _ext(x: Tensor):
@@ -167,18 +168,25 @@ def wkv6(
     r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Fused RWKV-6 WKV; shapes as in `rwkv_train.ops.wkv6`."""
-    s0 = zero_state56(r) if state is None else state.float().contiguous()
-    c = [x.contiguous() for x in (r, k, v, w, u)]
-    return torch.ops.rwkv.wkv6(*c, s0)
+    return _wkv56(r, k, v, w, u, state, static=False)
 
 
 def wkv5(
     r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Fused RWKV-5 WKV with a static decay w of shape (H, N)."""
+    return _wkv56(r, k, v, w, u, state, static=True)
+
+
+def _wkv56(r, k, v, w, u, state, static: bool) -> tuple[Tensor, Tensor]:
+    """Fill in the state, make inputs contiguous, and split time where the GPU has room."""
     s0 = zero_state56(r) if state is None else state.float().contiguous()
     c = [x.contiguous() for x in (r, k, v, w, u)]
-    return torch.ops.rwkv.wkv5(*c, s0)
+    B, T, H, _ = r.shape
+    n = segments.count(B, T, H, r.device)
+    if n > 1:
+        return segments.wkv56(*c, s0, n, static)
+    return (torch.ops.rwkv.wkv5 if static else torch.ops.rwkv.wkv6)(*c, s0)
 
 
 def wkv4(
