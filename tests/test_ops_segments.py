@@ -122,3 +122,15 @@ def test_torch_compile(cpp_ops):
     want = run_with_grads(_split(4, static=False), case.args, gy, gs)
     errs = {key: rel_err(got[key], want[key]) for key in want}
     assert max(errs.values()) < 1e-6, errs
+
+
+def test_autocast_keeps_float32_correction(cpp_ops):
+    """Under bf16 autocast (how GPU training runs) the result is the float32 one."""
+    case = make_case("wkv6", B=1, T=128, H=2, seed=9)
+    g = torch.Generator().manual_seed(0)
+    gy, gs = torch.randn(1, 128, 2, 64, generator=g), torch.randn(1, 2, 64, 64, generator=g)
+    want = run_with_grads(_split(4, static=False), case.args, gy, gs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_with_grads(_split(4, static=False), case.args, gy, gs)
+    errs = {key: rel_err(got[key], want[key]) for key in want}
+    assert max(errs.values()) < 1e-6, errs

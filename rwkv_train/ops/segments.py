@@ -99,8 +99,21 @@ def _starts(s0: Tensor, ends: Tensor, a_end: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Segmented(torch.autograd.Function):
+    """Autocast is off inside: under bf16 autocast (GPU training) the correction's matmuls
+    would otherwise round the segment states to 8 bits."""
+
     @staticmethod
     def forward(ctx, r, k, v, w, u, s0, S: int, static: bool):
+        with torch.autocast(r.device.type, enabled=False):
+            return _Segmented._forward(ctx, r, k, v, w, u, s0, S, static)
+
+    @staticmethod
+    def backward(ctx, gy, gsT):
+        with torch.autocast(gsT.device.type if gsT is not None else gy.device.type, enabled=False):
+            return _Segmented._backward(ctx, gy, gsT)
+
+    @staticmethod
+    def _forward(ctx, r, k, v, w, u, s0, S: int, static: bool):
         B, T, H, N = r.shape
         L = T // S
         seg = [x.view(B * S, L, H, N) for x in (r, k, v)]
@@ -117,7 +130,7 @@ class _Segmented(torch.autograd.Function):
         return y.view(B, T, H, N).to(r.dtype), sT
 
     @staticmethod
-    def backward(ctx, gy, gsT):
+    def _backward(ctx, gy, gsT):
         r, k, v, w, u, starts = ctx.saved_tensors
         S, static = ctx.S, ctx.static
         B, T, H, N = r.shape
