@@ -124,7 +124,7 @@ def test_torch_compile(cpp_ops):
     assert max(errs.values()) < 1e-6, errs
 
 
-def test_autocast_keeps_float32_correction(cpp_ops):
+def test_autocast_keeps_float32_chain(cpp_ops):
     """Under bf16 autocast (how GPU training runs) the result is the float32 one."""
     case = make_case("wkv6", B=1, T=128, H=2, seed=9)
     g = torch.Generator().manual_seed(0)

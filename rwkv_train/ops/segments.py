@@ -3,17 +3,20 @@
 The fused kernels give each (batch, head) pair one thread block and scan time in order, so a
 call with few pairs (micro-batch 1-2, one long sequence) leaves most of a GPU idle: on an
 H200 (132 SMs) B=1, T=16384, H=40 runs 40 blocks and takes as long as B=4 would. The state
-recurrence is linear, S_t = diag(d_t) S_{t-1} + k_t v_t^T, so a segment scanned from a zero
-state differs from the true one by a term linear in its true initial state S0:
+recurrence is linear, S_t = diag(d_t) S_{t-1} + k_t v_t^T, so a segment's end state is
+diag(a_end) S0 + (its end state from a zero start), a_end the product of its decays. So:
 
-    y_t   = y_t^local + (r_t * a_t) S0        a_t = prod of d_s over the segment's s < t
-    S_end = diag(a_end) S0 + S_end^local      a_end = prod of d_s over the whole segment
+1. the kernel scans all S segments from zero at once, as S times as many batch entries (a free
+   view of (B, T, H, N) as (B*S, T/S, H, N)), for their end states only;
+2. a scan over the S segment ends in PyTorch gives each segment its true start;
+3. the kernel scans all segments again from their true starts, for the outputs.
 
-So the kernel runs the S segments as S times as many batch entries (a free view of
-(B, T, H, N) as (B*S, T/S, H, N)), a scan over the S segment ends in PyTorch gives every
-segment its true S0, and one batched matmul per direction adds the correction. The backward
-is written out here rather than left to autograd, so nothing of size (B, T, H, N) is saved
-beyond the inputs the kernel's own backward needs.
+The backward does the same with the state's gradient, which obeys the same recurrence
+backwards in time: the forward kernel on time-reversed inputs gives each segment's gradient
+at its start from a zero gradient at its end, a scan over segments gives the true end
+gradients, and the kernel's backward then runs on all segments at once. Every output and
+gradient is then exact, rounded once, as in one unsplit call; the price is a second kernel
+pass in each direction.
 """
 
 from __future__ import annotations
@@ -24,13 +27,12 @@ from torch import Tensor
 # Blocks the kernels keep busy per SM: B=8, H=40 (320 blocks on 132 SMs) ran at nearly the
 # per-step speed of 40 blocks, so aim for about that many.
 _BLOCKS_PER_SM = 2.5
-# The correction's elementwise work on (B, T, H, N) pays only where most SMs would idle. On an
-# H200, wkv6 forward+backward: B=1, T=16384, H=40 in 8 segments took 11.3 ms against 16.7 ms
-# unsplit, but B=2, T=4096, H=40 in 4 segments took 5.9 ms against 4.4 ms. So a call is split
-# 8 or more ways, or not at all.
+# The second pass pays only where most SMs would idle: split 8 or more ways, or not at all.
+# (On an H200 an earlier form of this split, a matmul correction instead of the second pass,
+# gained at B=1, T=16384, H=40 in 8 segments and lost at B=2, T=4096, H=40 in 4.)
 _MIN_SEGMENTS = 8
 _MAX_SEGMENTS = 16
-# Segments shorter than this spend more on the correction than they save.
+# Segments shorter than this spend more on the extra launches and the chain than they save.
 _MIN_LENGTH = 256
 
 
@@ -74,98 +76,89 @@ def wkv56(
     return _Segmented.apply(r, k, v, w, u, s0, segments, static)
 
 
-def _log_decays(w: Tensor, B: int, S: int, L: int, static: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(log d, a, a_end): log d as w's layout, a_t per segment step (B, S, L, H, N) or
-    (L, H, N) for a static decay, a_end per segment (B, S, H, N) or (H, N); all float32."""
-    lw = -torch.exp(w.float())
+def _segment_decays(w: Tensor, B: int, S: int, L: int, static: bool) -> Tensor:
+    """The product of the decays over each segment: (B, S, H, N), or (H, N) if static."""
     if static:
-        steps = torch.arange(L, device=w.device, dtype=torch.float32)[:, None, None]
-        return lw, torch.exp(steps * lw), torch.exp(L * lw)
+        return torch.exp(-L * torch.exp(w.float()))
     H, N = w.shape[-2:]
-    inclusive = lw.view(B, S, L, H, N).cumsum(2)
-    return lw, torch.exp(inclusive - lw.view(B, S, L, H, N)), torch.exp(inclusive[:, :, -1])
+    return torch.exp(-torch.exp(w.float()).view(B, S, L, H, N).sum(2))
 
 
-def _starts(s0: Tensor, ends: Tensor, a_end: Tensor) -> tuple[Tensor, Tensor]:
-    """Each segment's true initial state (B, S, H, N, N) and the final state, from the
-    zero-start segment ends (B, S, H, N, N) and their total decays."""
-    S = ends.shape[1]
-    full = a_end.expand(ends.shape[:-1]) if a_end.dim() == 2 else a_end
-    out, cur = [], s0
-    for j in range(S):
-        out.append(cur)
-        cur = full[:, j, :, :, None] * cur + ends[:, j]
+def _chain(first: Tensor, local: Tensor, a_end: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+    """Carry a state across the S segments, x_next = a_end * x + local (diagonal over keys):
+    forwards for the state (x enters a segment at its start), backwards for its gradient (x
+    enters at the segment's end). Returns x entering each segment (B, S, H, N, N) and the
+    value leaving the last one processed."""
+    S = local.shape[1]
+    dec = a_end.expand(local.shape[:-1]) if a_end.dim() == 2 else a_end
+    order = range(S - 1, -1, -1) if reverse else range(S)
+    out, cur = [None] * S, first
+    for j in order:
+        out[j] = cur
+        cur = dec[:, j, :, :, None] * cur + local[:, j]
     return torch.stack(out, 1), cur
 
 
 class _Segmented(torch.autograd.Function):
-    """Autocast is off inside: under bf16 autocast (GPU training) the correction's matmuls
-    would otherwise round the segment states to 8 bits."""
+    """Only kernel calls and elementwise steps, so bf16 autocast changes nothing inside."""
 
     @staticmethod
     def forward(ctx, r, k, v, w, u, s0, S: int, static: bool):
-        with torch.autocast(r.device.type, enabled=False):
-            return _Segmented._forward(ctx, r, k, v, w, u, s0, S, static)
-
-    @staticmethod
-    def backward(ctx, gy, gsT):
-        with torch.autocast(gsT.device.type if gsT is not None else gy.device.type, enabled=False):
-            return _Segmented._backward(ctx, gy, gsT)
-
-    @staticmethod
-    def _forward(ctx, r, k, v, w, u, s0, S: int, static: bool):
         B, T, H, N = r.shape
         L = T // S
         seg = [x.view(B * S, L, H, N) for x in (r, k, v)]
         w_seg = w if static else w.view(B * S, L, H, N)
-        zero = s0.new_zeros(B * S, H, N, N)
         op = torch.ops.rwkv.wkv5 if static else torch.ops.rwkv.wkv6
-        y_loc, ends = op(*seg, w_seg, u, zero)
-        _, a, a_end = _log_decays(w, B, S, L, static)
-        starts, sT = _starts(s0, ends.view(B, S, H, N, N), a_end)
-        ra = r.float().view(B, S, L, H, N) * a
-        y = y_loc.view(B, S, L, H, N).float() + torch.einsum("bslhk,bshkv->bslhv", ra, starts)
+        # Pass 1: each segment's end state from a zero start; chained, the true starts.
+        _, ends = op(*seg, w_seg, u, s0.new_zeros(B * S, H, N, N))
+        a_end = _segment_decays(w, B, S, L, static)
+        starts, sT = _chain(s0, ends.view(B, S, H, N, N), a_end, reverse=False)
+        # Pass 2: every segment again, from its true start.
+        y, _ = op(*seg, w_seg, u, starts.view(B * S, H, N, N))
         ctx.save_for_backward(r, k, v, w, u, starts)
         ctx.S, ctx.static = S, static
-        return y.view(B, T, H, N).to(r.dtype), sT
+        return y.view(B, T, H, N), sT
 
     @staticmethod
-    def _backward(ctx, gy, gsT):
+    def backward(ctx, gy, gsT):
         r, k, v, w, u, starts = ctx.saved_tensors
         S, static = ctx.S, ctx.static
         B, T, H, N = r.shape
         L = T // S
         gy = torch.zeros_like(r) if gy is None else gy.contiguous()
-        g_cur = torch.zeros_like(starts[:, 0]) if gsT is None else gsT.float()
-        lw, a, a_end = _log_decays(w, B, S, L, static)
-        gy5 = gy.float().view(B, S, L, H, N)
-        r5 = r.float().view(B, S, L, H, N)
-        # y_t += (r_t * a_t) S0 of its segment
-        g_starts = torch.einsum("bslhk,bslhv->bshkv", r5 * a, gy5)
-        g_ra = torch.einsum("bslhv,bshkv->bslhk", gy5, starts)
-        # cur_{j+1} = a_end_j * S0_j + end_j, walked backwards
-        full = a_end.expand(B, S, H, N) if static else a_end
-        g_ends, g_a_end = [None] * S, [None] * S
-        for j in reversed(range(S)):
-            g_ends[j] = g_cur
-            g_a_end[j] = (g_cur * starts[:, j]).sum(-1)
-            g_cur = g_starts[:, j] + full[:, j, :, :, None] * g_cur
-        g_a_end = torch.stack(g_a_end, 1)  # (B, S, H, N)
-        # the segments' own backward, all at once
-        seg = [x.view(B * S, L, H, N) for x in (r, k, v, gy)]
+        g_last = torch.zeros_like(starts[:, 0]) if gsT is None else gsT.float()
+        op = torch.ops.rwkv.wkv5 if static else torch.ops.rwkv.wkv6
         w_seg = w if static else w.view(B * S, L, H, N)
+        # dL/dS entering each segment with a zero gradient at its end. The gradient obeys
+        # G_{t-1} = diag(d_t) G_t + r_t gy_t^T: the forward recurrence run backwards in time
+        # with k <- r and v <- gy, so the forward kernel computes it on time-reversed inputs.
+        rev = [x.view(B * S, L, H, N).flip(1) for x in (r, gy)]
+        w_rev = w if static else w_seg.flip(1)
         zero = starts.new_zeros(B * S, H, N, N)
+        _, local = op(rev[0], rev[0], rev[1], w_rev, u, zero)
+        a_end = _segment_decays(w, B, S, L, static)
+        g_ends, g_s0 = _chain(g_last, local.view(B, S, H, N, N), a_end, reverse=True)
+        # Every segment's backward from its true start and true end gradient: exact BPTT.
         bwd = torch.ops.rwkv.wkv5_bwd if static else torch.ops.rwkv.wkv6_bwd
-        g_ends = torch.stack(g_ends, 1).view(B * S, H, N, N)
-        gr, gk, gv, gw, gu, _ = bwd(seg[0], seg[1], seg[2], w_seg, u, zero, seg[3], g_ends)
-        # the decays enter through a and a_end; d(log d)/dw = log d
-        q = g_ra * r5 * a  # dL/d(log a_t), per step
-        if static:
-            steps = torch.arange(L, device=w.device, dtype=torch.float32)[:, None, None]
-            g_lw = (q * steps).sum((0, 1, 2)) + (g_a_end * full).sum((0, 1)) * L
-        else:
-            later = q.flip(2).cumsum(2).flip(2) - q  # sum over the segment's t > s
-            g_lw = (later + (g_a_end * a_end)[:, :, None]).view(B, T, H, N)
-        g_w = (gw.float().view(w.shape) + g_lw * lw).to(w.dtype)
-        g_r = (gr.float().view(B, S, L, H, N) + g_ra * a).view(B, T, H, N).to(r.dtype)
-        return g_r, gk.view(B, T, H, N), gv.view(B, T, H, N), g_w, gu, g_cur, None, None
+        seg = [x.view(B * S, L, H, N) for x in (r, k, v, gy)]
+        gr, gk, gv, gw, gu, _ = bwd(
+            seg[0],
+            seg[1],
+            seg[2],
+            w_seg,
+            u,
+            starts.view(B * S, H, N, N),
+            seg[3],
+            g_ends.view(B * S, H, N, N),
+        )
+        shape = (B, T, H, N)
+        return (
+            gr.view(shape),
+            gk.view(shape),
+            gv.view(shape),
+            gw.view(w.shape),
+            gu,
+            g_s0,
+            None,
+            None,
+        )
