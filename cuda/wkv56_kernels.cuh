@@ -76,6 +76,46 @@ __device__ __forceinline__ void row_sums(const float (*p)[N + 1], float* out, in
   }
 }
 
+// One scan step of a thread's column of the state (or of its gradient), x[j] over keys j:
+// returns sum_j a[j] x[j], taken before the update x[j] = x[j] dec[j] + add[j] scale.
+template <int N>
+__device__ __forceinline__ float dot_then_step_col(float* x, const float* a, const float* dec,
+                                                   const float* add, float scale) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll
+  for (int j = 0; j < N; j += 4) {
+    a0 += a[j] * x[j];
+    a1 += a[j + 1] * x[j + 1];
+    a2 += a[j + 2] * x[j + 2];
+    a3 += a[j + 3] * x[j + 3];
+    x[j] = x[j] * dec[j] + add[j] * scale;
+    x[j + 1] = x[j + 1] * dec[j + 1] + add[j + 1] * scale;
+    x[j + 2] = x[j + 2] * dec[j + 2] + add[j + 2] * scale;
+    x[j + 3] = x[j + 3] * dec[j + 3] + add[j + 3] * scale;
+  }
+  return (a0 + a1) + (a2 + a3);
+}
+
+// The same for a thread's row, x[c] over values c, whose elements share one key and so one
+// decay: x[c] = x[c] dec + scale add[c].
+template <int N>
+__device__ __forceinline__ float dot_then_step_row(float* x, const float* a, float dec,
+                                                   float scale, const float* add) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll
+  for (int c = 0; c < N; c += 4) {
+    a0 += a[c] * x[c];
+    a1 += a[c + 1] * x[c + 1];
+    a2 += a[c + 2] * x[c + 2];
+    a3 += a[c + 3] * x[c + 3];
+    x[c] = x[c] * dec + scale * add[c];
+    x[c + 1] = x[c + 1] * dec + scale * add[c + 1];
+    x[c + 2] = x[c + 2] * dec + scale * add[c + 2];
+    x[c + 3] = x[c + 3] * dec + scale * add[c + 3];
+  }
+  return (a0 + a1) + (a2 + a3);
+}
+
 template <typename W, bool STATIC>
 __device__ __forceinline__ float static_w(const W* w, int h, int N, int i) {
   return STATIC ? to_f(w[h * N + i]) : 0.f;
@@ -125,19 +165,8 @@ __global__ void __launch_bounds__(N)
     size_t o = base + (size_t)t0 * step;
     for (int c = 0; c < n; ++c, o += step) {
       const float vi = sv[c][i];
-      float y0 = 0.f, y1 = 0.f, y2 = 0.f, y3 = 0.f;
-#pragma unroll
-      for (int j = 0; j < N; j += 4) {
-        y0 += sr[c][j] * s[j];
-        y1 += sr[c][j + 1] * s[j + 1];
-        y2 += sr[c][j + 2] * s[j + 2];
-        y3 += sr[c][j + 3] * s[j + 3];
-        s[j] = s[j] * sd[c][j] + sk[c][j] * vi;
-        s[j + 1] = s[j + 1] * sd[c][j + 1] + sk[c][j + 1] * vi;
-        s[j + 2] = s[j + 2] * sd[c][j + 2] + sk[c][j + 2] * vi;
-        s[j + 3] = s[j + 3] * sd[c][j + 3] + sk[c][j + 3] * vi;
-      }
-      y[o] = from_f<F>(vi * bonus[c] + ((y0 + y1) + (y2 + y3)));
+      const float ry = dot_then_step_col<N>(s, sr[c], sd[c], sk[c], vi);
+      y[o] = from_f<F>(vi * bonus[c] + ry);
     }
   }
   float* sTp = sT + (size_t)bh * N * N;
@@ -191,19 +220,7 @@ __device__ __forceinline__ void bwd_forward_rows(
     size_t o = base + (size_t)t0 * step;
     for (int t = 0; t < n; ++t, o += step) {
       const float rj = sr[t][j], kj = sk[t][j], dj = sd[t][j], gyv = gdotv[t];
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma unroll
-      for (int c = 0; c < N; c += 4) {
-        a0 += sg[t][c] * s[c];
-        a1 += sg[t][c + 1] * s[c + 1];
-        a2 += sg[t][c + 2] * s[c + 2];
-        a3 += sg[t][c + 3] * s[c + 3];
-        s[c] = s[c] * dj + kj * sv[t][c];
-        s[c + 1] = s[c + 1] * dj + kj * sv[t][c + 1];
-        s[c + 2] = s[c + 2] * dj + kj * sv[t][c + 2];
-        s[c + 3] = s[c + 3] * dj + kj * sv[t][c + 3];
-      }
-      const float a = (a0 + a1) + (a2 + a3);
+      const float a = dot_then_step_row<N>(s, sg[t], dj, kj, sv[t]);
       gr[o] = from_f<F>(uj * kj * gyv + a);
       q[o] = rj * a;
       gu_acc += rj * kj * gyv;
@@ -264,19 +281,8 @@ __device__ __forceinline__ void bwd_reverse_cols(int bh, int T, int H, const F* 
     size_t o = base + (size_t)t0 * step;
     for (int c = 0; c < n; ++c, o -= step) {
       const float gyi = sg[c][i];
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma unroll
-      for (int j = 0; j < N; j += 4) {
-        a0 += sk[c][j] * g[j];
-        a1 += sk[c][j + 1] * g[j + 1];
-        a2 += sk[c][j + 2] * g[j + 2];
-        a3 += sk[c][j + 3] * g[j + 3];
-        g[j] = g[j] * sd[c][j] + sr[c][j] * gyi;
-        g[j + 1] = g[j + 1] * sd[c][j + 1] + sr[c][j + 1] * gyi;
-        g[j + 2] = g[j + 2] * sd[c][j + 2] + sr[c][j + 2] * gyi;
-        g[j + 3] = g[j + 3] * sd[c][j + 3] + sr[c][j + 3] * gyi;
-      }
-      gv[o] = from_f<F>(bonus[c] * gyi + ((a0 + a1) + (a2 + a3)));
+      const float kg = dot_then_step_col<N>(g, sk[c], sd[c], sr[c], gyi);
+      gv[o] = from_f<F>(bonus[c] * gyi + kg);
     }
   }
 }
@@ -351,19 +357,7 @@ __global__ void __launch_bounds__(N)
     size_t o = base + (size_t)t0 * step;
     for (int t = 0; t < n; ++t, o -= step) {
       const float rj = sr[t][j], kj = sk[t][j], ej = se[t][j], dj = expf(-ej);
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma unroll
-      for (int c = 0; c < N; c += 4) {
-        a0 += g[c] * sv[t][c];
-        a1 += g[c + 1] * sv[t][c + 1];
-        a2 += g[c + 2] * sv[t][c + 2];
-        a3 += g[c + 3] * sv[t][c + 3];
-        g[c] = g[c] * dj + rj * sg[t][c];
-        g[c + 1] = g[c + 1] * dj + rj * sg[t][c + 1];
-        g[c + 2] = g[c + 2] * dj + rj * sg[t][c + 2];
-        g[c + 3] = g[c + 3] * dj + rj * sg[t][c + 3];
-      }
-      const float gvr = (a0 + a1) + (a2 + a3);
+      const float gvr = dot_then_step_row<N>(g, sv[t], dj, rj, sg[t]);
       gk[o] = from_f<F>(rj * uj * gdotv[t] + gvr);
       P += kj * gvr;
       const float gwv = static_cast<float>(Q - P + cst) * -ej;
