@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstddef>
+#include <type_traits>
 
 #include "wkv_common.cuh"
 
@@ -44,6 +45,23 @@ namespace wkv56 {
 template <int N, bool HALF = false>
 __host__ __device__ constexpr int chunk_steps() {
   return (N > 64 ? 8 : 16) / (HALF ? 2 : 1);
+}
+
+// Calls fn(std::integral_constant<int, N>{}) for a head size the kernels are built for, or
+// returns `unsupported`. The launchers and the CPU emulation of the kernels both dispatch
+// through it, so they cover the same sizes.
+template <typename Fn>
+__host__ int with_head_size(int N, int unsupported, const Fn& fn) {
+  switch (N) {
+    case 32:
+      return fn(std::integral_constant<int, 32>{});
+    case 64:
+      return fn(std::integral_constant<int, 64>{});
+    case 128:
+      return fn(std::integral_constant<int, 128>{});
+    default:
+      return unsupported;
+  }
 }
 
 // One thread's element of CH consecutive steps of one input, held raw in registers. `d` is

@@ -55,16 +55,7 @@ int dispatch(int N, DType x, DType wd, bool static_w, const Fn& fn) {
       return fn.template run<NN, __nv_bfloat16, float, false>();
     return static_cast<int>(cudaErrorInvalidValue);
   };
-  switch (N) {
-    case 32:
-      return by_types(std::integral_constant<int, 32>{});
-    case 64:
-      return by_types(std::integral_constant<int, 64>{});
-    case 128:
-      return by_types(std::integral_constant<int, 128>{});
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return with_head_size(N, static_cast<int>(cudaErrorInvalidValue), by_types);
 }
 
 struct Fwd {

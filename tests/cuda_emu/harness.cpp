@@ -49,16 +49,7 @@ int dispatch(int N, bool bf16, bool st, const Fn& fn) {
       st ? fn(n, Type<float>{}, std::true_type{}) : fn(n, Type<float>{}, std::false_type{});
     return 0;
   };
-  switch (N) {
-    case 32:
-      return by_n(std::integral_constant<int, 32>{});
-    case 64:
-      return by_n(std::integral_constant<int, 64>{});
-    case 128:
-      return by_n(std::integral_constant<int, 128>{});
-    default:
-      return 1;
-  }
+  return with_head_size(N, 1, by_n);
 }
 
 }  // namespace
