@@ -6,6 +6,7 @@ missing part. Only GPU tests may skip in CI.
 """
 
 import os
+import time
 
 import pytest
 
@@ -21,3 +22,17 @@ def skip_unless_required(variable: str, reason: str) -> None:
 def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the W&B servers."""
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="module")
+def cpp_ops():
+    """The CPU WKV extension, built (or loaded from torch's cache) once per test module."""
+    from rwkv_train.ops import loader
+
+    t0 = time.perf_counter()
+    try:
+        mod = loader.load_cpu()
+    except loader.ExtensionBuildError as exc:
+        skip_unless_required("REQUIRE_CPP_OPS", f"C++ ops unavailable: {exc}")
+    print(f"C++ WKV ops ready in {time.perf_counter() - t0:.1f} s")
+    return mod

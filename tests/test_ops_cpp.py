@@ -18,34 +18,11 @@ import torch
 
 from rwkv_train import ops
 from rwkv_train.ops import backend, fused, loader
-from rwkv_train.ops.testing import compare, make_case
-
-# Bounds on ||out - ref|| / ||ref||. float32 compute lands near 1e-6 (the decay gradient, a
-# difference of suffix sums, near 1e-5); bf16 outputs and gradients are rounded to 8 bits.
-TOL = {
-    torch.float32: {"default": 2e-5, "g_w": 2e-4},
-    torch.bfloat16: {"default": 1.2e-2, "g_w": 1.5e-2},
-}
-
-
-@pytest.fixture(scope="module")
-def cpp_ops():
-    """Build (or load) the CPU extension once for the module."""
-    t0 = time.perf_counter()
-    try:
-        mod = loader.load_cpu()
-    except loader.ExtensionBuildError as exc:
-        if os.environ.get("REQUIRE_CPP_OPS") == "1":
-            pytest.fail(f"REQUIRE_CPP_OPS=1 but the C++ ops did not build: {exc}")
-        pytest.skip(f"C++ ops unavailable: {exc}")
-    print(f"C++ WKV ops ready in {time.perf_counter() - t0:.1f} s")
-    return mod
+from rwkv_train.ops.testing import FUSED_BOUNDS, assert_within, compare, make_case
 
 
 def _check(errs: dict[str, float], dtype: torch.dtype) -> None:
-    tol = TOL[dtype]
-    bad = {k: v for k, v in errs.items() if not v <= tol.get(k, tol["default"])}
-    assert not bad, f"relative errors over bounds {tol}: {bad} (all: {errs})"
+    assert_within(errs, FUSED_BOUNDS[dtype])
 
 
 # Every H at the short lengths; at T=257 the float64 autograd reference dominates the run

@@ -4,29 +4,18 @@ that picks the segment count on a GPU."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from rwkv_train.ops import fused, loader, segments  # noqa: F401 (fused registers the ops)
-from rwkv_train.ops.testing import compare, make_case, rel_err, run_with_grads
-
-# Same bounds as the unsplit op's tests (tests/test_ops_cpp.py).
-TOL = {
-    torch.float32: {"default": 2e-5, "g_w": 2e-4},
-    torch.bfloat16: {"default": 1.2e-2, "g_w": 1.5e-2},
-}
-
-
-@pytest.fixture(scope="module")
-def cpp_ops():
-    try:
-        return loader.load_cpu()
-    except loader.ExtensionBuildError as exc:
-        if os.environ.get("REQUIRE_CPP_OPS") == "1":
-            pytest.fail(f"REQUIRE_CPP_OPS=1 but the C++ ops did not build: {exc}")
-        pytest.skip(f"C++ ops unavailable: {exc}")
+from rwkv_train.ops import fused, segments  # noqa: F401 (fused registers the ops)
+from rwkv_train.ops.testing import (
+    FUSED_BOUNDS,
+    assert_within,
+    compare,
+    make_case,
+    rel_err,
+    run_with_grads,
+)
 
 
 def _split(n: int, static: bool):
@@ -52,10 +41,7 @@ def _unsplit(static: bool):
 @pytest.mark.parametrize("n", [2, 4])
 def test_matches_reference(cpp_ops, op, n, dtype):
     case = make_case(op, B=2, T=64, H=2, dtype=dtype, seed=n)
-    errs = compare(case, _split(n, op == "wkv5"))
-    tol = TOL[dtype]
-    bad = {k: e for k, e in errs.items() if not e <= tol.get(k, tol["default"])}
-    assert not bad, f"relative errors over bounds {tol}: {bad} (all: {errs})"
+    assert_within(compare(case, _split(n, op == "wkv5")), FUSED_BOUNDS[dtype])
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
