@@ -115,13 +115,13 @@ class _Segmented(torch.autograd.Function):
         starts, sT = _chain(s0, ends.view(B, S, H, N, N), a_end, reverse=False)
         # Pass 2: every segment again, from its true start.
         y, _ = op(*seg, w_seg, u, starts.view(B * S, H, N, N))
-        ctx.save_for_backward(r, k, v, w, u, starts)
+        ctx.save_for_backward(r, k, v, w, u, starts, a_end)
         ctx.S, ctx.static = S, static
         return y.view(B, T, H, N), sT
 
     @staticmethod
     def backward(ctx, gy, gsT):
-        r, k, v, w, u, starts = ctx.saved_tensors
+        r, k, v, w, u, starts, a_end = ctx.saved_tensors
         S, static = ctx.S, ctx.static
         B, T, H, N = r.shape
         L = T // S
@@ -136,7 +136,6 @@ class _Segmented(torch.autograd.Function):
         w_rev = w if static else w_seg.flip(1)
         zero = starts.new_zeros(B * S, H, N, N)
         _, local = op(rev[0], rev[0], rev[1], w_rev, u, zero)
-        a_end = _segment_decays(w, B, S, L, static)
         g_ends, g_s0 = _chain(g_last, local.view(B, S, H, N, N), a_end, reverse=True)
         # Every segment's backward from its true start and true end gradient: exact BPTT.
         bwd = torch.ops.rwkv.wkv5_bwd if static else torch.ops.rwkv.wkv6_bwd
