@@ -203,7 +203,8 @@ WKV_CLONES void bwd_scan(const Bh& a, int64_t n_rt, const float* __restrict s0,
 // decay_rank_update, mat_times_rows_t); the intra-chunk terms cost O(L N) per step. A
 // sequence is padded to a multiple of L with identity steps (r = k = v = gy = 0, d = 1),
 // which change neither the state nor any gradient. The decay gradient's running sums (and
-// gu's) are kept in double: they grow with T and the decay gradient is their difference.
+// gu's) are carried in double from chunk to chunk: they grow with T and the decay gradient
+// is their difference. Within a chunk they are float sums of at most L terms.
 
 constexpr int kChunk = 16;  // L; mat_times_rows_t holds a row of L floats in two vectors
 
@@ -223,13 +224,42 @@ WKV_INLINE v8 ld8(const float* p) {
   return x;
 }
 WKV_INLINE void st8(float* p, v8 x) { __builtin_memcpy(p, &x, sizeof x); }
-// (a - 0 is a exactly, so this folds to one broadcast; GCC may build an initialiser list
-// {a, a, ...} lane by lane.)
-WKV_INLINE v8 bc8(float a) { return a - v8{}; }
+// A broadcast as a shuffle of lane 0: GCC 12 builds `a - v8{}` or an initialiser list
+// {a, a, ...} lane by lane (seven vinsertps) where it runs short of registers.
+typedef int v8m __attribute__((vector_size(32)));  // shuffle masks
+WKV_INLINE v8 bc8(float a) { return __builtin_shuffle(v8{a}, v8m{}); }
 WKV_INLINE float hsum8(v8 x) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += x[i];
   return s;
+}
+
+// dst[c][i] = src[i][c] for an 8 x 8 block (row strides in floats): three rounds of
+// two-input shuffles (24 in all) instead of 64 scalar loads and stores.
+WKV_INLINE void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  v8 x[8], t[8];
+  for (int i = 0; i < 8; ++i) x[i] = ld8(src + i * ss);
+  for (int i = 0; i < 8; i += 2) {  // interleave rows i and i + 1
+    t[i] = __builtin_shuffle(x[i], x[i + 1], v8m{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(x[i], x[i + 1], v8m{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)  // then pairs of pairs: columns of four rows per lane
+    for (int h = 0; h < 2; ++h) {
+      x[i + 2 * h] = __builtin_shuffle(t[i + h], t[i + h + 2], v8m{0, 1, 8, 9, 4, 5, 12, 13});
+      x[i + 2 * h + 1] =
+          __builtin_shuffle(t[i + h], t[i + h + 2], v8m{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int c = 0; c < 4; ++c) {  // then join the 128-bit halves of rows 0-3 and 4-7
+    st8(dst + c * ds, __builtin_shuffle(x[c], x[c + 4], v8m{0, 1, 2, 3, 8, 9, 10, 11}));
+    st8(dst + (c + 4) * ds, __builtin_shuffle(x[c], x[c + 4], v8m{4, 5, 6, 7, 12, 13, 14, 15}));
+  }
+}
+
+// (rows, cols) -> (cols, rows), both multiples of 8.
+template <int ROWS, int COLS>
+WKV_INLINE void transpose(const float* src, float* dst) {
+  for (int i = 0; i < ROWS; i += 8)
+    for (int c = 0; c < COLS; c += 8) transpose8x8(src + i * COLS + c, COLS, dst + c * ROWS + i, ROWS);
 }
 
 // exp of eight floats (the hot loops' own, so that the decays cost no extra pass over
@@ -372,11 +402,17 @@ struct Chunk {
   alignas(64) float dend[N];    // product of all d of the chunk
   alignas(64) float att[L * L];  // A[t][s], s <= t
 
-  // Gathers steps t0 .. t0 + n - 1 (n <= L), gy only when asked for, and takes the decays.
+  // Gathers steps t0 .. t0 + n - 1 (n <= L), gy only when asked for, and takes the decays:
+  // d and ew from `saved` (2 L N floats that save_decays wrote for this chunk), else from w.
   // It also prefetches the chunk that starts at `next` (the one the sweep gathers after this
   // one, if any): rows lie H * N floats apart, so a 4 KB page holds only a few steps of one
   // pair and the hardware prefetchers, which stop at page boundaries, miss most of them.
-  WKV_INLINE void load(const Bh& a, int64_t t0, int n, bool with_gy, int64_t next) {
+  WKV_INLINE void load(const Bh& a, int64_t t0, int n, bool with_gy, int64_t next,
+                       const float* saved = nullptr) {
+    if (saved) {
+      std::copy(saved, saved + L * N, d);
+      std::copy(saved + L * N, saved + 2 * L * N, ew);
+    }
     for (int t = 0; t < L; ++t) {
       const int64_t o = (t0 + t) * a.step, wo = (t0 + t) * a.wstep;
       const int tn = t * N;
@@ -386,7 +422,7 @@ struct Chunk {
           __builtin_prefetch(a.r + po + j);
           __builtin_prefetch(a.k + po + j);
           __builtin_prefetch(a.v + po + j);
-          __builtin_prefetch(a.w + pwo + j);
+          if (!saved) __builtin_prefetch(a.w + pwo + j);
           if (with_gy) __builtin_prefetch(a.gy + po + j);
         }
       }
@@ -396,6 +432,7 @@ struct Chunk {
           st8(k + tn + j, ld8(a.k + o + j));
           st8(v + tn + j, ld8(a.v + o + j));
           if (with_gy) st8(gy + tn + j, ld8(a.gy + o + j));
+          if (saved) continue;
           const v8 e = exp8(ld8(a.w + wo + j));
           st8(ew + tn + j, e);
           st8(d + tn + j, exp8(-e));
@@ -404,8 +441,9 @@ struct Chunk {
         std::fill(r + tn, r + tn + N, 0.f);
         std::fill(k + tn, k + tn + N, 0.f);
         std::fill(v + tn, v + tn + N, 0.f);
-        std::fill(d + tn, d + tn + N, 1.f);
         if (with_gy) std::fill(gy + tn, gy + tn + N, 0.f);
+        if (saved) continue;
+        std::fill(d + tn, d + tn + N, 1.f);
         std::fill(ew + tn, ew + tn + N, 0.f);
       }
     }
@@ -418,13 +456,19 @@ struct Chunk {
       for (int j = 0; j < N; ++j) e[t * N + j] = e[(t + 1) * N + j] * d[(t + 1) * N + j];
   }
 
+  // The chunk's d and ew, for a later load() of the same steps (2 L N floats).
+  WKV_INLINE void save_decays(float* dst) const {
+    std::copy(d, d + L * N, dst);
+    std::copy(ew, ew + L * N, dst + L * N);
+  }
+
   // A[t][s] for s <= t (zero above the diagonal), u the bonus.
   WKV_INLINE void attention(const float* u) {
     for (int s = 0; s < L; ++s) {
-      float p[N];  // k_s * prod_{s<u<t} d_u for the current t
+      alignas(32) float p[N];  // k_s * prod_{s<u<t} d_u for the current t; first r_s * u
+      for (int j = 0; j < N; ++j) p[j] = r[s * N + j] * u[j];
+      const float bonus = dot<N>(p, k + s * N);  // (a float sum is vectorised only as a dot)
       for (int j = 0; j < N; ++j) p[j] = k[s * N + j];
-      float bonus = 0.f;
-      for (int j = 0; j < N; ++j) bonus += r[s * N + j] * u[j] * p[j];
       for (int t = 0; t < s; ++t) att[t * L + s] = 0.f;
       att[s * L + s] = bonus;
       for (int t = s + 1; t < L; ++t) {
@@ -487,7 +531,12 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
   float* __restrict gc = xc + L * N;  // gv rows (sweep 2)
   float* __restrict bt = gc + L * N;  // (N, L): gy (sweep 1) or v (sweep 2) transposed
   float* __restrict xt = bt + N * L;  // (N, L): S gy_t (sweep 1), G_end v_t (sweep 2)
-  std::vector<float> q(a.T * N);
+  // q_t (sweep 1 writes every step before sweep 2 reads it) and sweep 1's decays for sweep 2
+  // (two exps per element cost about as much as one of the chunk's matrix products), left
+  // uninitialised: zeroing them took 5 % of the backward's instructions.
+  const int64_t n_chunks = (a.T + L - 1) / L;
+  std::unique_ptr<float[]> q(new float[a.T * N]);
+  std::unique_ptr<float[]> saved(new float[n_chunks * 2 * L * N]);
   std::vector<double> dbuf(5 * N, 0.0);
   double* __restrict gu_acc = dbuf.data();
   double* __restrict fin = gu_acc + N;     // sum_v gS_T * S_T per key
@@ -496,21 +545,22 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
   double* __restrict gw_acc = Qd + N;      // static decay: sum over t of its gradient
   float gyv[L];
   alignas(32) float bm[L * L];  // the chunk's dot products of v and gy rows
+  // A chunk's own sums (float; the running totals above are double).
+  alignas(32) float guloc[N], ploc[N], qloc[N], gwloc[N], base[N], gwt_static[N];
 
   // Sweep 1, forward: S -> x_t -> gr_t, q_t, gu.
   std::copy(s0, s0 + N * N, S);
   for (int64_t t0 = 0; t0 < a.T; t0 += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, a.T - t0));
     ch->load(a, t0, n, true, t0 + L);
+    ch->save_decays(saved.get() + t0 * 2 * N);
     for (int i = 0; i < L * N; ++i) ke[i] = ch->k[i] * ch->e[i];
-    for (int t = 0; t < L; ++t)
-      for (int c = 0; c < N; ++c) bt[c * L + t] = ch->gy[t * N + c];
+    transpose<L, N>(ch->gy, bt);
     mat_times_rows_t<N>(S, bt, xt);
     mat_times_rows_t<N, L>(ch->v, bt, bm);  // bm[s][t] = v_s . gy_t
-    for (int t = 0; t < L; ++t) {
-      gyv[t] = bm[t * L + t];
-      for (int j = 0; j < N; ++j) xc[t * N + j] = ch->dc[t * N + j] * xt[j * L + t];
-    }
+    transpose<N, L>(xt, xc);
+    for (int i = 0; i < L * N; ++i) xc[i] *= ch->dc[i];
+    for (int t = 0; t < L; ++t) gyv[t] = bm[t * L + t];
     for (int s = 0; s < L; ++s) {
       float p[N];  // k_s * prod_{s<u<t} d_u
       for (int j = 0; j < N; ++j) p[j] = ch->k[s * N + j];
@@ -522,40 +572,39 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
         }
       }
     }
+    for (int j = 0; j < N; ++j) guloc[j] = 0.f;
     for (int t = 0; t < n; ++t) {
       const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
       float* __restrict grt = gr + (t0 + t) * a.step;
-      float* __restrict qt = q.data() + (t0 + t) * N;
+      float* __restrict qt = q.get() + (t0 + t) * N;
       for (int j = 0; j < N; ++j) {
         grt[j] = a.u[j] * kt[j] * gyv[t] + xr[j];
         qt[j] = rt[j] * xr[j];
-        gu_acc[j] += rt[j] * kt[j] * gyv[t];
+        guloc[j] += rt[j] * kt[j] * gyv[t];
       }
     }
+    for (int j = 0; j < N; ++j) gu_acc[j] += guloc[j];
     decay_rank_update<N>(S, ch->dend, ke, ch->v);
   }
   for (int j = 0; j < N; ++j) fin[j] = dot<N>(gsT + j * N, S + j * N);
 
   // Sweep 2, reverse: G from dL/dS_T back to dL/dS_0, giving gk, gv, gw on the way.
   std::copy(gsT, gsT + N * N, S);
-  const int64_t n_chunks = (a.T + L - 1) / L;
   for (int64_t ci = n_chunks - 1; ci >= 0; --ci) {
     const int64_t t0 = ci * L;
     const int n = static_cast<int>(std::min<int64_t>(L, a.T - t0));
-    ch->load(a, t0, n, true, t0 - L);
+    ch->load(a, t0, n, true, t0 - L, saved.get() + t0 * 2 * N);
     ch->attention(a.u);
     for (int i = 0; i < L * N; ++i) {
       rp[i] = ch->r[i] * ch->dc[i];
       ke[i] = ch->k[i] * ch->e[i];
     }
-    for (int t = 0; t < L; ++t)
-      for (int c = 0; c < N; ++c) bt[c * L + t] = ch->v[t * N + c];
+    transpose<L, N>(ch->v, bt);
     mat_times_rows_t<N>(S, bt, xt);
     mat_times_rows_t<N, L>(ch->gy, bt, bm);  // bm[s][t] = gy_s . v_t
-    for (int t = 0; t < L; ++t) {
-      gyv[t] = bm[t * L + t];
-      for (int j = 0; j < N; ++j) xc[t * N + j] = ch->e[t * N + j] * xt[j * L + t];
-    }
+    transpose<N, L>(xt, xc);
+    for (int i = 0; i < L * N; ++i) xc[i] *= ch->e[i];
+    for (int t = 0; t < L; ++t) gyv[t] = bm[t * L + t];
     for (int s = L - 1; s > 0; --s) {
       float p[N];  // r_s * prod_{t<u<s} d_u
       for (int j = 0; j < N; ++j) p[j] = ch->r[s * N + j];
@@ -578,28 +627,32 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
       }
     }
     rows_times_mat<N>(ke, S, gc);
+    // dL/dlog d_t = sum_{j>t} q_j - sum_{i>=t} p_i + fin, p_t = k_t * (G_t v_t): the sums
+    // up to the chunk in double, rounded once per chunk to `base`, the chunk's own in float.
+    for (int j = 0; j < N; ++j) {
+      base[j] = static_cast<float>(Qd[j] - Pd[j] + fin[j]);
+      ploc[j] = qloc[j] = gwloc[j] = 0.f;
+    }
     for (int t = n - 1; t >= 0; --t) {
       const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
       const float* ewt = ch->ew + t * N;
-      const float* qt = q.data() + (t0 + t) * N;
+      const float* qt = q.get() + (t0 + t) * N;
       float* __restrict gkt = gk + (t0 + t) * a.step;
-      for (int j = 0; j < N; ++j) gkt[j] = rt[j] * a.u[j] * gyv[t] + xr[j];
-      // dL/dlog d_t = sum_{j>t} q_j - sum_{i>=t} p_i + fin, p_t = k_t * (G_t v_t).
-      if (gw_sum) {
-        for (int j = 0; j < N; ++j) {
-          Pd[j] += static_cast<double>(kt[j]) * xr[j];
-          gw_acc[j] += (Qd[j] - Pd[j] + fin[j]) * -static_cast<double>(ewt[j]);
-          Qd[j] += qt[j];
-        }
-      } else {
-        float* __restrict gwt = gw + (t0 + t) * a.step;
-        for (int j = 0; j < N; ++j) {
-          Pd[j] += static_cast<double>(kt[j]) * xr[j];
-          gwt[j] = static_cast<float>((Qd[j] - Pd[j] + fin[j]) * -static_cast<double>(ewt[j]));
-          Qd[j] += qt[j];
-        }
+      float* __restrict gwt = gw_sum ? gwt_static : gw + (t0 + t) * a.step;
+      for (int j = 0; j < N; ++j) {
+        gkt[j] = rt[j] * a.u[j] * gyv[t] + xr[j];
+        ploc[j] += kt[j] * xr[j];
+        gwt[j] = (base[j] + qloc[j] - ploc[j]) * -ewt[j];
+        qloc[j] += qt[j];
       }
+      if (gw_sum)
+        for (int j = 0; j < N; ++j) gwloc[j] += gwt_static[j];
       std::copy(gc + t * N, gc + (t + 1) * N, gv + (t0 + t) * a.step);
+    }
+    for (int j = 0; j < N; ++j) {
+      Pd[j] += ploc[j];
+      Qd[j] += qloc[j];
+      gw_acc[j] += gwloc[j];
     }
     decay_rank_update<N>(S, ch->dend, rp, ch->gy);
   }

@@ -44,6 +44,14 @@ def test_wkv56_without_initial_state(cpp_ops, op):
     _check(compare(case, getattr(fused, op)), torch.float32)
 
 
+@pytest.mark.parametrize("N", [32, 128, 48], ids=["chunked32", "chunked128", "scan48"])
+@pytest.mark.parametrize("op", ["wkv6", "wkv5"])
+def test_wkv56_other_head_sizes(cpp_ops, op, N):
+    """Head sizes 32 and 128 take their own chunked builds; the others the per-step scans."""
+    case = make_case(op, B=2, T=37, H=2, N=N, seed=N)
+    _check(compare(case, getattr(fused, op)), torch.float32)
+
+
 def test_wkv6_long_sequence(cpp_ops):
     """The decay gradient identity (suffix sums) stays accurate over thousands of steps."""
     case = make_case("wkv6", B=1, T=1024, H=1, seed=7)
