@@ -479,6 +479,16 @@ struct Chunk {
   }
 };
 
+// Scratch memory of the calling thread, kept from call to call (it only grows: about
+// 3 T N floats for the backward of one (batch, head) pair). malloc maps an allocation this
+// large afresh on every call, and every page of it then faults at first touch, which is
+// slow on virtual machines (BENCHMARKS.md has the measurement).
+float* thread_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 template <int N>
 WKV_CLONES void fwd_chunked(const Bh& a, const float* __restrict s0, float* __restrict y,
                             float* __restrict sT) {
@@ -532,11 +542,10 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
   float* __restrict bt = gc + L * N;  // (N, L): gy (sweep 1) or v (sweep 2) transposed
   float* __restrict xt = bt + N * L;  // (N, L): S gy_t (sweep 1), G_end v_t (sweep 2)
   // q_t (sweep 1 writes every step before sweep 2 reads it) and sweep 1's decays for sweep 2
-  // (two exps per element cost about as much as one of the chunk's matrix products), left
-  // uninitialised: zeroing them took 5 % of the backward's instructions.
+  // (two exps per element cost about as much as one of the chunk's matrix products).
   const int64_t n_chunks = (a.T + L - 1) / L;
-  std::unique_ptr<float[]> q(new float[a.T * N]);
-  std::unique_ptr<float[]> saved(new float[n_chunks * 2 * L * N]);
+  float* __restrict q = thread_scratch(a.T * N + n_chunks * 2 * L * N);
+  float* __restrict saved = q + a.T * N;
   std::vector<double> dbuf(5 * N, 0.0);
   double* __restrict gu_acc = dbuf.data();
   double* __restrict fin = gu_acc + N;     // sum_v gS_T * S_T per key
@@ -553,7 +562,7 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
   for (int64_t t0 = 0; t0 < a.T; t0 += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, a.T - t0));
     ch->load(a, t0, n, true, t0 + L);
-    ch->save_decays(saved.get() + t0 * 2 * N);
+    ch->save_decays(saved + t0 * 2 * N);
     for (int i = 0; i < L * N; ++i) ke[i] = ch->k[i] * ch->e[i];
     transpose<L, N>(ch->gy, bt);
     mat_times_rows_t<N>(S, bt, xt);
@@ -576,7 +585,7 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
     for (int t = 0; t < n; ++t) {
       const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
       float* __restrict grt = gr + (t0 + t) * a.step;
-      float* __restrict qt = q.get() + (t0 + t) * N;
+      float* __restrict qt = q + (t0 + t) * N;
       for (int j = 0; j < N; ++j) {
         grt[j] = a.u[j] * kt[j] * gyv[t] + xr[j];
         qt[j] = rt[j] * xr[j];
@@ -593,7 +602,7 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
   for (int64_t ci = n_chunks - 1; ci >= 0; --ci) {
     const int64_t t0 = ci * L;
     const int n = static_cast<int>(std::min<int64_t>(L, a.T - t0));
-    ch->load(a, t0, n, true, t0 - L, saved.get() + t0 * 2 * N);
+    ch->load(a, t0, n, true, t0 - L, saved + t0 * 2 * N);
     ch->attention(a.u);
     for (int i = 0; i < L * N; ++i) {
       rp[i] = ch->r[i] * ch->dc[i];
@@ -636,7 +645,7 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
     for (int t = n - 1; t >= 0; --t) {
       const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
       const float* ewt = ch->ew + t * N;
-      const float* qt = q.get() + (t0 + t) * N;
+      const float* qt = q + (t0 + t) * N;
       float* __restrict gkt = gk + (t0 + t) * a.step;
       float* __restrict gwt = gw_sum ? gwt_static : gw + (t0 + t) * a.step;
       for (int j = 0; j < N; ++j) {
