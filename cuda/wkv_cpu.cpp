@@ -228,10 +228,11 @@ WKV_INLINE void st8(float* p, v8 x) { __builtin_memcpy(p, &x, sizeof x); }
 // {a, a, ...} lane by lane (seven vinsertps) where it runs short of registers.
 typedef int v8m __attribute__((vector_size(32)));  // shuffle masks
 WKV_INLINE v8 bc8(float a) { return __builtin_shuffle(v8{a}, v8m{}); }
-WKV_INLINE float hsum8(v8 x) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += x[i];
-  return s;
+WKV_INLINE float hsum8(v8 x) {  // pairwise: three shuffles and adds, not seven serial adds
+  x += __builtin_shuffle(x, v8m{4, 5, 6, 7, 0, 1, 2, 3});
+  x += __builtin_shuffle(x, v8m{2, 3, 0, 1, 6, 7, 4, 5});
+  x += __builtin_shuffle(x, v8m{1, 0, 3, 2, 5, 4, 7, 6});
+  return x[0];
 }
 
 // dst[c][i] = src[i][c] for an 8 x 8 block (row strides in floats): three rounds of
@@ -303,6 +304,49 @@ WKV_INLINE float dot(const float* a, const float* b) {
   }
   return hsum8(s0 + s1);
 }
+
+// A row of N floats as N / 8 vector variables, for the intra-chunk loops that carry a row
+// from step to step: GCC keeps these in registers (at N = 64), where a float[N] array went
+// to memory and back on every step.
+template <int N>
+struct Row {
+  v8 x[N / 8];
+
+  static WKV_INLINE Row zero() { return Row{}; }
+  static WKV_INLINE Row load(const float* p) {
+    Row r;
+#pragma GCC unroll 16
+    for (int i = 0; i < N / 8; ++i) r.x[i] = ld8(p + 8 * i);
+    return r;
+  }
+  WKV_INLINE void store(float* p) const {
+#pragma GCC unroll 16
+    for (int i = 0; i < N / 8; ++i) st8(p + 8 * i, x[i]);
+  }
+  WKV_INLINE void mul(const float* p) {  // this *= p
+#pragma GCC unroll 16
+    for (int i = 0; i < N / 8; ++i) x[i] *= ld8(p + 8 * i);
+  }
+  WKV_INLINE void add_scaled(float a, const float* p) {  // this += a p
+    const v8 av = bc8(a);
+#pragma GCC unroll 16
+    for (int i = 0; i < N / 8; ++i) x[i] += av * ld8(p + 8 * i);
+  }
+  WKV_INLINE void add_scaled_to(float a, float* out) const {  // out += a this
+    const v8 av = bc8(a);
+#pragma GCC unroll 16
+    for (int i = 0; i < N / 8; ++i) st8(out + 8 * i, ld8(out + 8 * i) + av * x[i]);
+  }
+  WKV_INLINE float dot(const float* p) const {
+    v8 s0{}, s1{};
+#pragma GCC unroll 16
+    for (int i = 0; i < N / 8; i += 2) {
+      s0 += x[i] * ld8(p + 8 * i);
+      s1 += x[i + 1] * ld8(p + 8 * i + 8);
+    }
+    return hsum8(s0 + s1);
+  }
+};
 
 // out[t][c] += sum_j a[t][j] m[j][c]: a, out (L, N), m (N, N). Tiles of 4 x 16 outputs in
 // eight registers; per j two loads of m and four broadcasts feed eight FMAs.
@@ -465,15 +509,14 @@ struct Chunk {
   // A[t][s] for s <= t (zero above the diagonal), u the bonus.
   WKV_INLINE void attention(const float* u) {
     for (int s = 0; s < L; ++s) {
-      alignas(32) float p[N];  // k_s * prod_{s<u<t} d_u for the current t; first r_s * u
-      for (int j = 0; j < N; ++j) p[j] = r[s * N + j] * u[j];
-      const float bonus = dot<N>(p, k + s * N);  // (a float sum is vectorised only as a dot)
-      for (int j = 0; j < N; ++j) p[j] = k[s * N + j];
+      Row<N> p = Row<N>::load(k + s * N);  // k_s * prod_{s<u<t} d_u for the current t
       for (int t = 0; t < s; ++t) att[t * L + s] = 0.f;
-      att[s * L + s] = bonus;
+      Row<N> ru = Row<N>::load(r + s * N);
+      ru.mul(u);
+      att[s * L + s] = ru.dot(k + s * N);
       for (int t = s + 1; t < L; ++t) {
-        att[t * L + s] = dot<N>(r + t * N, p);
-        for (int j = 0; j < N; ++j) p[j] *= d[t * N + j];
+        att[t * L + s] = p.dot(r + t * N);
+        p.mul(d + t * N);
       }
     }
   }
@@ -510,13 +553,9 @@ WKV_CLONES void fwd_chunked(const Bh& a, const float* __restrict s0, float* __re
     }
     // Intra-chunk part, then the state's.
     for (int t = 0; t < L; ++t) {
-      float* __restrict yt = yc + t * N;
-      for (int c = 0; c < N; ++c) yt[c] = 0.f;
-      for (int s = 0; s <= t; ++s) {
-        const float at = ch->att[t * L + s];
-        const float* __restrict vs = ch->v + s * N;
-        for (int c = 0; c < N; ++c) yt[c] += at * vs[c];
-      }
+      Row<N> yt = Row<N>::zero();
+      for (int s = 0; s <= t; ++s) yt.add_scaled(ch->att[t * L + s], ch->v + s * N);
+      yt.store(yc + t * N);
     }
     rows_times_mat<N>(rp, S, yc);
     decay_rank_update<N>(S, ch->dend, ke, ch->v);
@@ -571,14 +610,10 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
     for (int i = 0; i < L * N; ++i) xc[i] *= ch->dc[i];
     for (int t = 0; t < L; ++t) gyv[t] = bm[t * L + t];
     for (int s = 0; s < L; ++s) {
-      float p[N];  // k_s * prod_{s<u<t} d_u
-      for (int j = 0; j < N; ++j) p[j] = ch->k[s * N + j];
+      Row<N> p = Row<N>::load(ch->k + s * N);  // k_s * prod_{s<u<t} d_u
       for (int t = s + 1; t < L; ++t) {
-        const float b = bm[s * L + t];
-        for (int j = 0; j < N; ++j) {
-          xc[t * N + j] += b * p[j];
-          p[j] *= ch->d[t * N + j];
-        }
+        p.add_scaled_to(bm[s * L + t], xc + t * N);
+        p.mul(ch->d + t * N);
       }
     }
     for (int j = 0; j < N; ++j) guloc[j] = 0.f;
@@ -615,25 +650,17 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
     for (int i = 0; i < L * N; ++i) xc[i] *= ch->e[i];
     for (int t = 0; t < L; ++t) gyv[t] = bm[t * L + t];
     for (int s = L - 1; s > 0; --s) {
-      float p[N];  // r_s * prod_{t<u<s} d_u
-      for (int j = 0; j < N; ++j) p[j] = ch->r[s * N + j];
+      Row<N> p = Row<N>::load(ch->r + s * N);  // r_s * prod_{t<u<s} d_u
       for (int t = s - 1; t >= 0; --t) {
-        const float b = bm[s * L + t];
-        for (int j = 0; j < N; ++j) {
-          xc[t * N + j] += b * p[j];
-          p[j] *= ch->d[t * N + j];
-        }
+        p.add_scaled_to(bm[s * L + t], xc + t * N);
+        p.mul(ch->d + t * N);
       }
     }
     // gv_t = sum_{s>=t} A[s][t] gy_s + (k_t * E_t)^T G_end.
     for (int t = 0; t < L; ++t) {
-      float* __restrict gt = gc + t * N;
-      for (int c = 0; c < N; ++c) gt[c] = 0.f;
-      for (int s = t; s < L; ++s) {
-        const float at = ch->att[s * L + t];
-        const float* __restrict gys = ch->gy + s * N;
-        for (int c = 0; c < N; ++c) gt[c] += at * gys[c];
-      }
+      Row<N> gt = Row<N>::zero();
+      for (int s = t; s < L; ++s) gt.add_scaled(ch->att[s * L + t], ch->gy + s * N);
+      gt.store(gc + t * N);
     }
     rows_times_mat<N>(ke, S, gc);
     // dL/dlog d_t = sum_{j>t} q_j - sum_{i>=t} p_i + fin, p_t = k_t * (G_t v_t): the sums
