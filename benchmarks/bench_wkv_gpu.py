@@ -8,7 +8,8 @@ For each shape (B=8, T=4096, H=40, N=64: the Finch 3B layer; B=2, T=4096, H=40: 
 the micro-batch of conf/experiment/finch_3b.yaml; and B=1, T=16384, H=40), bf16:
 forward and forward+backward times (CUDA events, median after warm-up, so Triton's autotuning
 is done before timing) of ours (wkv6, wkv5; "ours_wkv6_unsplit" is the kernel without the time
-segments `ops/segments.py` adds where B x H leaves SMs idle) and fla's `chunk_rwkv6` and
+segments `ops/segments.py` adds where B x H leaves SMs idle, "ours_wkv6_segN" the op forced into
+N segments at B=1 and 2) and fla's `chunk_rwkv6` and
 `fused_recurrent_rwkv6` (w passed as the log decay -exp(w), scale 1.0), with achieved GB/s and
 TFLOP/s against the card's ceilings measured here (a device copy, a bf16 matrix product).
 --baseline times a second copy of the CUDA sources (e.g. the previous commit's cuda/) as
@@ -211,15 +212,27 @@ def speed(fns: dict[str, Callable], device: str, small: bool, reps: int) -> None
         for shape in shapes
         for op in ("wkv6", "wkv5")
     }
-    for group in (ours, [n for n in todo if n not in ours]):
+    # ours_wkv6 forced into n time segments, at the shapes with few (batch, head) pairs: the
+    # rule in ops/segments.py (how many segments, from which B x H on) is tuned from these.
+    forced = {f"ours_wkv6_seg{n}": n for n in (4, 8, 16)}
+    for group in (ours, list(forced), [n for n in todo if n not in ours]):
         for B, T, H, N in shapes:
             for name in group:
+                n_seg = forced.get(name)
+                if n_seg and (B * H > 128 or T % n_seg):
+                    continue
                 op = "wkv5" if name == "ours_wkv5" else "wkv6"
                 args = cases[(B, T, H, N), op]
+                fn = split_into(n_seg) if n_seg else todo[name]
                 label = f"speed {name} {B}x{T}"
-                guarded(label, time_one, name, todo[name], args, (B, T, H, N), device, reps)
+                guarded(label, time_one, name, fn, args, (B, T, H, N), device, reps)
                 if device == "cuda":
                     torch.cuda.empty_cache()
+
+
+def split_into(n: int) -> Callable:
+    """wkv6 over n time segments whatever the segment rule says."""
+    return lambda r, k, v, w, u, s0: segments.wkv56(r, k, v, w, u, s0, n, False)
 
 
 def time_one(name, fn, args, shape, device, reps) -> None:
