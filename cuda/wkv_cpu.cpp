@@ -203,8 +203,9 @@ WKV_CLONES void bwd_scan(const Bh& a, int64_t n_rt, const float* __restrict s0,
 // decay_rank_update, mat_times_rows_t); the intra-chunk terms cost O(L N) per step. A
 // sequence is padded to a multiple of L with identity steps (r = k = v = gy = 0, d = 1),
 // which change neither the state nor any gradient. The decay gradient's running sums (and
-// gu's) are carried in double from chunk to chunk: they grow with T and the decay gradient
-// is their difference. Within a chunk they are float sums of at most L terms.
+// gu's) are kept in double: they grow with T and the decay gradient is their difference.
+// (Float sums within each chunk, double only between chunks, doubled the decay gradient's
+// error at T = 22528 and gained nothing measurable.)
 
 constexpr int kChunk = 16;  // L; mat_times_rows_t holds a row of L floats in two vectors
 
@@ -522,14 +523,22 @@ struct Chunk {
   }
 };
 
-// Scratch memory of the calling thread, kept from call to call (it only grows: about
-// 3 T N floats for the backward of one (batch, head) pair). malloc maps an allocation this
-// large afresh on every call, and every page of it then faults at first touch, which is
-// slow on virtual machines (BENCHMARKS.md has the measurement).
-float* thread_scratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
+// n floats of scratch for the calling thread (3 T N for the backward of one (batch, head)
+// pair). Up to kKeptScratch floats (16 MB; T = 16384 at N = 64) stay with the thread from
+// call to call: malloc maps an allocation this large afresh on every call, and every page of
+// it then faults at first touch, which is slow on virtual machines (BENCHMARKS.md has the
+// measurement). A larger request gets memory of its own in `own`, freed with it, so that one
+// long call does not leave every thread holding that much.
+constexpr int64_t kKeptScratch = int64_t{4} << 20;
+
+float* thread_scratch(int64_t n, std::unique_ptr<float[]>& own) {
+  if (n > kKeptScratch) {
+    own.reset(new float[n]);
+    return own.get();
+  }
+  thread_local std::vector<float> kept;
+  if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
+  return kept.data();
 }
 
 template <int N>
@@ -583,7 +592,8 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
   // q_t (sweep 1 writes every step before sweep 2 reads it) and sweep 1's decays for sweep 2
   // (two exps per element cost about as much as one of the chunk's matrix products).
   const int64_t n_chunks = (a.T + L - 1) / L;
-  float* __restrict q = thread_scratch(a.T * N + n_chunks * 2 * L * N);
+  std::unique_ptr<float[]> own;
+  float* __restrict q = thread_scratch(a.T * N + n_chunks * 2 * L * N, own);
   float* __restrict saved = q + a.T * N;
   std::vector<double> dbuf(5 * N, 0.0);
   double* __restrict gu_acc = dbuf.data();
@@ -593,8 +603,6 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
   double* __restrict gw_acc = Qd + N;      // static decay: sum over t of its gradient
   float gyv[L];
   alignas(32) float bm[L * L];  // the chunk's dot products of v and gy rows
-  // A chunk's own sums (float; the running totals above are double).
-  alignas(32) float guloc[N], ploc[N], qloc[N], gwloc[N], base[N], gwt_static[N];
 
   // Sweep 1, forward: S -> x_t -> gr_t, q_t, gu.
   std::copy(s0, s0 + N * N, S);
@@ -616,7 +624,6 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
         p.mul(ch->d + t * N);
       }
     }
-    for (int j = 0; j < N; ++j) guloc[j] = 0.f;
     for (int t = 0; t < n; ++t) {
       const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
       float* __restrict grt = gr + (t0 + t) * a.step;
@@ -624,10 +631,9 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
       for (int j = 0; j < N; ++j) {
         grt[j] = a.u[j] * kt[j] * gyv[t] + xr[j];
         qt[j] = rt[j] * xr[j];
-        guloc[j] += rt[j] * kt[j] * gyv[t];
+        gu_acc[j] += rt[j] * kt[j] * gyv[t];
       }
     }
-    for (int j = 0; j < N; ++j) gu_acc[j] += guloc[j];
     decay_rank_update<N>(S, ch->dend, ke, ch->v);
   }
   for (int j = 0; j < N; ++j) fin[j] = dot<N>(gsT + j * N, S + j * N);
@@ -663,32 +669,27 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
       gt.store(gc + t * N);
     }
     rows_times_mat<N>(ke, S, gc);
-    // dL/dlog d_t = sum_{j>t} q_j - sum_{i>=t} p_i + fin, p_t = k_t * (G_t v_t): the sums
-    // up to the chunk in double, rounded once per chunk to `base`, the chunk's own in float.
-    for (int j = 0; j < N; ++j) {
-      base[j] = static_cast<float>(Qd[j] - Pd[j] + fin[j]);
-      ploc[j] = qloc[j] = gwloc[j] = 0.f;
-    }
     for (int t = n - 1; t >= 0; --t) {
       const float *rt = ch->r + t * N, *kt = ch->k + t * N, *xr = xc + t * N;
       const float* ewt = ch->ew + t * N;
       const float* qt = q + (t0 + t) * N;
       float* __restrict gkt = gk + (t0 + t) * a.step;
-      float* __restrict gwt = gw_sum ? gwt_static : gw + (t0 + t) * a.step;
-      for (int j = 0; j < N; ++j) {
-        gkt[j] = rt[j] * a.u[j] * gyv[t] + xr[j];
-        ploc[j] += kt[j] * xr[j];
-        gwt[j] = (base[j] + qloc[j] - ploc[j]) * -ewt[j];
-        qloc[j] += qt[j];
+      for (int j = 0; j < N; ++j) gkt[j] = rt[j] * a.u[j] * gyv[t] + xr[j];
+      if (gw_sum) {
+        for (int j = 0; j < N; ++j) {
+          Pd[j] += static_cast<double>(kt[j]) * xr[j];
+          gw_acc[j] += (Qd[j] - Pd[j] + fin[j]) * -static_cast<double>(ewt[j]);
+          Qd[j] += qt[j];
+        }
+      } else {
+        float* __restrict gwt = gw + (t0 + t) * a.step;
+        for (int j = 0; j < N; ++j) {
+          Pd[j] += static_cast<double>(kt[j]) * xr[j];
+          gwt[j] = static_cast<float>((Qd[j] - Pd[j] + fin[j]) * -static_cast<double>(ewt[j]));
+          Qd[j] += qt[j];
+        }
       }
-      if (gw_sum)
-        for (int j = 0; j < N; ++j) gwloc[j] += gwt_static[j];
       std::copy(gc + t * N, gc + (t + 1) * N, gv + (t0 + t) * a.step);
-    }
-    for (int j = 0; j < N; ++j) {
-      Pd[j] += ploc[j];
-      Qd[j] += qloc[j];
-      gw_acc[j] += gwloc[j];
     }
     decay_rank_update<N>(S, ch->dend, rp, ch->gy);
   }

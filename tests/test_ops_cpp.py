@@ -18,7 +18,7 @@ import torch
 
 from rwkv_train import ops
 from rwkv_train.ops import backend, fused, loader
-from rwkv_train.ops.testing import FUSED_BOUNDS, assert_within, compare, make_case
+from rwkv_train.ops.testing import FUSED_BOUNDS, assert_within, compare, make_case, rel_err
 
 
 def _check(errs: dict[str, float], dtype: torch.dtype) -> None:
@@ -66,21 +66,27 @@ def test_wkv4_matches_reference(cpp_ops, T, dtype, with_state):
     _check(compare(case, fused.wkv4), dtype)
 
 
-def test_segments_chain_exactly(cpp_ops):
+# The long case's backward needs more scratch than a thread keeps between calls (4M floats,
+# cuda/wkv_cpu.cpp), its halves less: the two kinds of scratch must agree.
+@pytest.mark.parametrize(
+    ("B", "H", "T", "cut"), [(2, 2, 40, 17), (1, 1, 22528, 11264)], ids=["short", "long"]
+)
+def test_segments_chain_exactly(cpp_ops, B, H, T, cut):
     """Two segments with the state carried equal one long call, gradients included (BPTT)."""
-    case = make_case("wkv6", B=2, T=40, H=2)
+    case = make_case("wkv6", B=B, T=T, H=H)
     r, k, v, w, u, s0 = (x.clone().requires_grad_() for x in case.args)
     y, sT = fused.wkv6(r, k, v, w, u, s0)
     (y.square().sum() + sT.sum()).backward()
     full = [x.grad.clone() for x in (r, k, v, w, u, s0)]
     for x in (r, k, v, w, u, s0):
         x.grad = None
-    y1, s1 = fused.wkv6(r[:, :17], k[:, :17], v[:, :17], w[:, :17], u, s0)
-    y2, s2 = fused.wkv6(r[:, 17:], k[:, 17:], v[:, 17:], w[:, 17:], u, s1)
-    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-5, atol=1e-5)
+    y1, s1 = fused.wkv6(r[:, :cut], k[:, :cut], v[:, :cut], w[:, :cut], u, s0)
+    y2, s2 = fused.wkv6(r[:, cut:], k[:, cut:], v[:, cut:], w[:, cut:], u, s1)
     (y1.square().sum() + y2.square().sum() + s2.sum()).backward()
-    for a, b in zip([x.grad for x in (r, k, v, w, u, s0)], full, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    errs = {"y": rel_err(torch.cat([y1, y2], 1), y), "state_out": rel_err(s2, sT)}
+    for name, x, g in zip(case.names, (r, k, v, w, u, s0), full, strict=True):
+        errs[f"g_{name}"] = rel_err(x.grad, g)
+    _check(errs, torch.float32)  # long: g_w about 1e-5, the rest about 1e-7 or exact
 
 
 def test_public_entry_points(cpp_ops):
