@@ -36,7 +36,9 @@ namespace {
 // cached on a shared filesystem still runs on older nodes), besides the baseline build. The
 // clone is x86-64-v3 (the AVX2/FMA feature level, dispatched on CPU features): an
 // "arch=haswell" clone is dispatched on the CPU model and never runs on AMD or newer Intel.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// -DWKV_BASELINE_ONLY builds the baseline alone: the tests compare it with the clones.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(WKV_BASELINE_ONLY)
 #define WKV_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define WKV_CLONES

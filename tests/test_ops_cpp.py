@@ -52,6 +52,32 @@ def test_wkv56_other_head_sizes(cpp_ops, op, N):
     _check(compare(case, getattr(fused, op)), torch.float32)
 
 
+@pytest.mark.parametrize("N", [64, 48], ids=["chunked", "scan"])
+@pytest.mark.parametrize("op", ["wkv6", "wkv5"])
+def test_baseline_build_matches_clones(cpp_ops, baseline_ops, op, N):
+    """The code CPUs without AVX2 run (the clones' baseline side, which this machine never
+    picks) equals the AVX2 clones up to rounding (the clones fuse multiply-adds)."""
+    case = make_case(op, B=2, T=37, H=2, N=N, seed=N)
+    r, k, v, w, u, s0 = case.args
+    g = torch.Generator().manual_seed(0)
+    gy, gs = torch.randn(r.shape, generator=g), torch.randn(s0.shape, generator=g)
+    static = op == "wkv5"
+    for name in ("wkv56_forward", "wkv56_backward"):
+        extra = (gy, gs) if name == "wkv56_backward" else ()
+        got = getattr(baseline_ops, name)(r, k, v, w, u, s0, *extra, static)
+        want = getattr(cpp_ops, name)(r, k, v, w, u, s0, *extra, static)
+        for a, b in zip(got, want, strict=True):
+            assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def baseline_ops(cpp_ops):
+    """The CPU extension built without the AVX2 clones (about 45 s; cached like the other)."""
+    return loader._build(
+        "rwkv_wkv_cpu_baseline", loader.CPU_SOURCES, False, False, ("WKV_BASELINE_ONLY",)
+    )
+
+
 def test_wkv6_long_sequence(cpp_ops):
     """The decay gradient identity (suffix sums) stays accurate over thousands of steps."""
     case = make_case("wkv6", B=1, T=1024, H=1, seed=7)

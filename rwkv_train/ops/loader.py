@@ -117,7 +117,9 @@ def _cuda_arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
 
 
-def _build(name: str, sources: tuple[str, ...], cuda: bool, verbose: bool) -> ModuleType:
+def _build(
+    name: str, sources: tuple[str, ...], cuda: bool, verbose: bool, defines: tuple[str, ...] = ()
+) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     src = cuda_dir()
@@ -126,7 +128,7 @@ def _build(name: str, sources: tuple[str, ...], cuda: bool, verbose: bool) -> Mo
     if missing:
         raise ExtensionBuildError(f"kernel sources missing: {missing}")
     build_dir = build_root() / name
-    cflags = ["-O3"]
+    cflags = ["-O3", *(f"-D{d}" for d in defines)]
     ldflags: list[str] = []
     if sys.platform.startswith("linux"):
         cflags.append("-fopenmp")  # at::parallel_for is an OpenMP loop in torch's headers
