@@ -255,7 +255,8 @@ WKV_INLINE void transpose8x8(const float* src, int64_t ss, float* dst, int64_t d
     }
   for (int c = 0; c < 4; ++c) {  // then join the 128-bit halves of rows 0-3 and 4-7
     st8(dst + c * ds, __builtin_shuffle(x[c], x[c + 4], v8m{0, 1, 2, 3, 8, 9, 10, 11}));
-    st8(dst + (c + 4) * ds, __builtin_shuffle(x[c], x[c + 4], v8m{4, 5, 6, 7, 12, 13, 14, 15}));
+    st8(dst + (c + 4) * ds,
+        __builtin_shuffle(x[c], x[c + 4], v8m{4, 5, 6, 7, 12, 13, 14, 15}));
   }
 }
 
@@ -263,7 +264,8 @@ WKV_INLINE void transpose8x8(const float* src, int64_t ss, float* dst, int64_t d
 template <int ROWS, int COLS>
 WKV_INLINE void transpose(const float* src, float* dst) {
   for (int i = 0; i < ROWS; i += 8)
-    for (int c = 0; c < COLS; c += 8) transpose8x8(src + i * COLS + c, COLS, dst + c * ROWS + i, ROWS);
+    for (int c = 0; c < COLS; c += 8)
+      transpose8x8(src + i * COLS + c, COLS, dst + c * ROWS + i, ROWS);
 }
 
 // exp of eight floats (the hot loops' own, so that the decays cost no extra pass over
@@ -309,8 +311,8 @@ WKV_INLINE float dot(const float* a, const float* b) {
 }
 
 // A row of N floats as N / 8 vector variables, for the intra-chunk loops that carry a row
-// from step to step: GCC keeps these in registers (at N = 64), where a float[N] array went
-// to memory and back on every step.
+// from step to step: GCC keeps about half of one in registers at N = 64 (the rest spills),
+// where a float[N] array went to memory and back whole on every step.
 template <int N>
 struct Row {
   v8 x[N / 8];
