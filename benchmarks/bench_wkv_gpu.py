@@ -164,7 +164,7 @@ def accuracy(fns: dict[str, Callable], device: str, small: bool) -> None:
     B, T, H = (1, 16, 2) if small else (2, 256, 4)
     for dtype in (torch.bfloat16, torch.float32):
         case = make_case("wkv6", B=B, T=T, H=H, dtype=dtype, device=device, seed=11)
-        split4 = {"ours_wkv6_4_segments": lambda *a: segments.wkv56(*a, 4, False)}
+        split4 = {"ours_wkv6_4_segments": split_into(4)}
         for name, fn in {**fns, **split4}.items():
             errs = guarded(f"accuracy {name} {dtype}", compare, case, fn)
             if errs is None:

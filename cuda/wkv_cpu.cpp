@@ -299,17 +299,6 @@ WKV_INLINE v8 exp8(v8 x) {
   return x != x ? x : y;
 }
 
-// a . b over N floats (two accumulators to halve the FMA latency chain).
-template <int N>
-WKV_INLINE float dot(const float* a, const float* b) {
-  v8 s0{}, s1{};
-  for (int i = 0; i < N; i += 16) {
-    s0 += ld8(a + i) * ld8(b + i);
-    s1 += ld8(a + i + 8) * ld8(b + i + 8);
-  }
-  return hsum8(s0 + s1);
-}
-
 // A row of N floats as N / 8 vector variables, for the intra-chunk loops that carry a row
 // from step to step: GCC keeps about half of one in registers at N = 64 (the rest spills),
 // where a float[N] array went to memory and back whole on every step.
@@ -342,7 +331,7 @@ struct Row {
 #pragma GCC unroll 16
     for (int i = 0; i < N / 8; ++i) st8(out + 8 * i, ld8(out + 8 * i) + av * x[i]);
   }
-  WKV_INLINE float dot(const float* p) const {
+  WKV_INLINE float dot(const float* p) const {  // two accumulators halve the FMA chain
     v8 s0{}, s1{};
 #pragma GCC unroll 16
     for (int i = 0; i < N / 8; i += 2) {
@@ -640,7 +629,7 @@ WKV_CLONES void bwd_chunked(const Bh& a, const float* __restrict s0,
     }
     decay_rank_update<N>(S, ch->dend, ke, ch->v);
   }
-  for (int j = 0; j < N; ++j) fin[j] = dot<N>(gsT + j * N, S + j * N);
+  for (int j = 0; j < N; ++j) fin[j] = Row<N>::load(gsT + j * N).dot(S + j * N);
 
   // Sweep 2, reverse: G from dL/dS_T back to dL/dS_0, giving gk, gv, gw on the way.
   std::copy(gsT, gsT + N * N, S);

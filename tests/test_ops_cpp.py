@@ -52,6 +52,14 @@ def test_wkv56_other_head_sizes(cpp_ops, op, N):
     _check(compare(case, getattr(fused, op)), torch.float32)
 
 
+@pytest.fixture(scope="module")
+def baseline_ops(cpp_ops):
+    """The CPU extension built without the AVX2 clones (about 45 s; cached like the other)."""
+    return loader._build(
+        "rwkv_wkv_cpu_baseline", loader.CPU_SOURCES, False, False, ("WKV_BASELINE_ONLY",)
+    )
+
+
 @pytest.mark.parametrize("N", [64, 48], ids=["chunked", "scan"])
 @pytest.mark.parametrize("op", ["wkv6", "wkv5"])
 def test_baseline_build_matches_clones(cpp_ops, baseline_ops, op, N):
@@ -68,14 +76,6 @@ def test_baseline_build_matches_clones(cpp_ops, baseline_ops, op, N):
         want = getattr(cpp_ops, name)(r, k, v, w, u, s0, *extra, static)
         for a, b in zip(got, want, strict=True):
             assert rel_err(a, b) < 1e-5, name
-
-
-@pytest.fixture(scope="module")
-def baseline_ops(cpp_ops):
-    """The CPU extension built without the AVX2 clones (about 45 s; cached like the other)."""
-    return loader._build(
-        "rwkv_wkv_cpu_baseline", loader.CPU_SOURCES, False, False, ("WKV_BASELINE_ONLY",)
-    )
 
 
 def test_wkv6_long_sequence(cpp_ops):
