@@ -115,7 +115,9 @@ class DeepSpeedConfig:
     """ZeRO stage: 0 off (trainer.strategy decides), 1 optimizer state, 2 + gradients,
     3 + parameters partitioned across ranks."""
     offload_optimizer: bool = False
-    """Keep optimizer state (and its step) in CPU memory (stages 1-3)."""
+    """Keep optimizer state (and its step) in CPU memory (stages 1-3); the step is then
+    DeepSpeed's CPU Adam, a C++ op built on first use (or by `python -m rwkv_train.ops.build
+    --target cpu_adam`)."""
     offload_params: bool = False
     """Keep partitioned parameters in CPU memory (stage 3 only)."""
     reduce_bucket_size: float = 2e8

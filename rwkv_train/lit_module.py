@@ -271,7 +271,9 @@ class RWKVLitModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         assert self.net is not None
-        optimizer = build_optimizer(self.net, self.cfg.optim)
+        optimizer = build_optimizer(
+            self.net, self.cfg.optim, offload=self.cfg.deepspeed.offload_optimizer
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

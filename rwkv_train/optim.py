@@ -47,12 +47,27 @@ def param_groups(net: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` (decoupled decay; zero decay is plain Adam)."""
+def build_optimizer(
+    net: nn.Module, cfg: OptimConfig, offload: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (decoupled decay; zero decay is plain Adam).
+
+    `offload`: the optimizer state lives in CPU memory (ZeRO-Offload), where DeepSpeed refuses
+    a torch optimizer at start-up and steps with its own vectorised, multi-threaded CPU Adam
+    (same update; its C++ op is built on first use).
+    """
     groups = param_groups(net, cfg)
     for g in groups:
         g.pop("names")
-    return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=tuple(cfg.betas), eps=cfg.eps)
+    betas = tuple(cfg.betas)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        from rwkv_train.ops.loader import load_cpu_adam
+
+        load_cpu_adam()  # its C++ op, built once and safely; DeepSpeedCPUAdam then loads it
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr_init, betas=betas, eps=cfg.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.eps)
 
 
 @dataclass

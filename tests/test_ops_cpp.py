@@ -11,10 +11,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import _get_build_directory
 
 from rwkv_train import ops
 from rwkv_train.ops import backend, fused, loader
@@ -218,6 +222,29 @@ def test_stale_build_lock_is_cleared(tmp_path, monkeypatch):
         assert held
         assert loader.clear_stale_lock(tmp_path, owner_is_gone=held)
     assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_build_step_clears_a_stale_lock_of_deepspeeds_cpu_adam():
+    """The offload configs' optimizer op is built through torch's lock like ours: the build
+    step (`--target cpu_adam`) removes a lock a killed compile left, instead of waiting on it
+    forever (about a minute when the op is not cached yet)."""
+    pytest.importorskip("deepspeed")
+    lock = Path(_get_build_directory("cpu_adam", False)) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "rwkv_train.ops.build", "--target", "cpu_adam"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        lock.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "removing a stale build lock" in done.stderr
+    assert "cpu_adam: ready in" in done.stdout
 
 
 # ----------------------------------------------------------------------------- whole model

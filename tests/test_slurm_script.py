@@ -97,6 +97,18 @@ def test_sbatch_script_trains_and_records_the_job(
     assert len((job / "git_commit.txt").read_text().strip()) in (40, 7)  # a sha, or "unknown"
     assert (job / "train.log").stat().st_size > 0
     assert not Path(fake_slurm["SCONTROL_LOG"]).exists()  # finished: no requeue
+    assert "cpu_adam" not in done.stdout  # built only for the offload configs
+
+
+def test_sbatch_script_builds_cpu_adam_for_an_offload_config(
+    data: Path, tmp_path: Path, fake_slurm: dict[str, str]
+) -> None:
+    run_dir = tmp_path / "run"
+    cmd = sbatch_command(data, run_dir, "trainer.max_steps=2", "deepspeed=zero2_offload")
+    done = subprocess.run(cmd, env=fake_slurm, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "cpu_adam: ready in" in done.stdout
+    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 2
 
 
 def test_sbatch_script_requeues_on_the_signal_and_resumes(

@@ -2,7 +2,8 @@
 
 Slurm scripts run this on one process before `srun`, so hundreds of ranks find the compiled
 extension in TORCH_EXTENSIONS_DIR (point it at a shared filesystem) instead of compiling at
-once. A build lock left by a killed compile is cleared with a message (see loader.py).
+once. A build lock left by a killed compile is cleared with a message (see loader.py). The
+target `cpu_adam` is DeepSpeed's CPU Adam op, which the offload configs step with.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--target",
-        choices=("auto", "cpu", "cuda", "all"),
-        default="auto",
-        help="auto: cpu, plus cuda when this torch has CUDA and a toolkit is found",
+        nargs="+",
+        choices=("auto", "cpu", "cuda", "all", "cpu_adam"),
+        default=["auto"],
+        help="auto: cpu, plus cuda when this torch has CUDA and a toolkit is found; all: cpu "
+        "and cuda; cpu_adam: DeepSpeed's CPU Adam (deepspeed=*_offload)",
     )
     p.add_argument("--arch", help="CUDA archs without a visible GPU, e.g. '8.0;9.0'")
     p.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
@@ -33,15 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = args.arch
-    targets = ["cpu", "cuda"] if args.target in ("all", "auto") else [args.target]
+    builders = {"cpu": loader.load_cpu, "cuda": loader.load_cuda, "cpu_adam": loader.load_cpu_adam}
+    targets: dict[str, bool] = {}  # target -> optional (may be skipped)
+    for t in args.target:
+        for name in ("cpu", "cuda") if t in ("auto", "all") else (t,):
+            targets[name] = targets.get(name, True) and t == "auto" and name == "cuda"
     print(f"extension cache: {loader.build_root()}")
     failed = False
-    for target in targets:
+    for target, optional in targets.items():
         t0 = time.perf_counter()
         try:
-            (loader.load_cuda if target == "cuda" else loader.load_cpu)(verbose=args.verbose)
+            builders[target](verbose=args.verbose)
         except loader.ExtensionBuildError as exc:
-            optional = args.target == "auto" and target == "cuda"
             print(f"{target}: {'skipped' if optional else 'FAILED'}: {exc}")
             failed |= not optional
             continue

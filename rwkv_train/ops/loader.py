@@ -196,6 +196,31 @@ def load_cuda(verbose: bool = False) -> ModuleType:
     return _load(CUDA_NAME, CUDA_SOURCES, cuda=True, verbose=verbose)
 
 
+def load_cpu_adam(verbose: bool = False) -> ModuleType:
+    """DeepSpeed's CPU Adam op, the optimizer step of ZeRO-Offload (deepspeed=*_offload).
+
+    DeepSpeed builds it on first use through the same torch mechanism, so a compile killed on
+    one job would leave the `lock` that hangs every later one; here it is built under our
+    builders' flock with a stale lock cleared, like the WKV extensions.
+    """
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+    except ImportError as exc:
+        raise ExtensionBuildError(f"DeepSpeed is not installed: {exc}") from exc
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's load() builds
+
+    builder = CPUAdamBuilder()
+    build_dir = Path(_get_build_directory(builder.name, verbose))
+    with _build_mutex(build_dir) as held:
+        clear_stale_lock(build_dir, owner_is_gone=held)
+        try:
+            return builder.load(verbose=verbose)
+        except Exception as exc:
+            raise ExtensionBuildError(
+                f"building DeepSpeed's {builder.name} failed: {_summary(exc)}"
+            ) from exc
+
+
 def load_for(device: torch.device) -> ModuleType:
     """The extension for tensors on `device`."""
     return load_cuda() if device.type == "cuda" else load_cpu()
