@@ -2,10 +2,12 @@
 
 A back-of-the-envelope planner for one data-parallel job under DeepSpeed ZeRO with bf16:
 it prints the per-GPU memory for every ZeRO stage with and without gradient checkpointing,
-proposes the cheapest settings that fit, and refuses given settings that cannot fit, saying
-which term is too large. Memory terms, per GPU, for P parameters over n GPUs:
+and with CPU offload, proposes the cheapest settings that fit, and refuses given settings
+that cannot fit, saying which term is too large. Memory terms, per GPU, for P parameters
+over n GPUs:
 
-- weights: bf16, 2P (ZeRO-3: 2P/n);
+- weights: bf16, 2P (ZeRO-3: 2P/n, plus the largest module gathered whole and the next one
+  prefetched, 2 x 2 max(block, V C));
 - gradients: bf16, 2P (ZeRO-2 and 3: 2P/n);
 - optimizer: fp32 master weights, Adam m and v (12 bytes) plus the fp32 gradient DeepSpeed
   hands the optimizer (4 bytes): 16P, divided by n from ZeRO-1 on;
@@ -13,6 +15,12 @@ which term is too large. Memory terms, per GPU, for P parameters over n GPUs:
   per channel per token for its backward; with checkpointing a block keeps only its input (C
   values) and one block at a time is recomputed; the head keeps the bf16 logits and fp32
   softmax and its gradient, 10 bytes per token per vocabulary entry.
+
+CPU offload (ZeRO-Offload) moves the optimizer term and the gradients to host memory (only
+the reduce buckets stay on the GPU, inside the headroom), and with ZeRO-3 optionally the
+weights' partitions too (the gathered modules stay). Host memory is counted per node, the
+per-GPU terms times the GPUs on a node. Offload trades speed for memory (the optimizer step
+runs on the CPU), so it is proposed only when nothing fits without it.
 
 The activation constants are counted from the tensors each block saves for its backward;
 they are estimates (within about 20 %), so the planner keeps `headroom_gb` free. Throughput is
@@ -36,9 +44,14 @@ ACT_VALUES = {4: 28, 5: 34, 6: 40}
 HEAD_BYTES_PER_LOGIT = 10
 
 
+# What ZeRO-Offload keeps in CPU memory: nothing, the optimizer (with the gradients), or
+# also the weights' partitions (ZeRO-3 only).
+OFFLOADS = ("none", "optimizer", "params")
+
+
 @dataclass
 class Estimate:
-    """Per-GPU memory of one setting, in bytes."""
+    """Per-GPU memory of one setting, in bytes; `host` is the CPU memory per GPU."""
 
     zero_stage: int
     grad_checkpoint: bool
@@ -48,10 +61,36 @@ class Estimate:
     optimizer: float
     activations: float
     headroom: float
+    offload: str = "none"
+    host: float = 0.0
 
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations + self.headroom
+
+    def overrides(self) -> str:
+        """The training overrides of this setting."""
+        if self.offload == "params":
+            ds = "deepspeed=zero3_offload"
+        elif self.offload == "optimizer":
+            ds = "deepspeed=zero2_offload"
+            if self.zero_stage != 2:
+                ds = f"deepspeed=zero{self.zero_stage} deepspeed.offload_optimizer=true"
+        else:
+            ds = f"deepspeed=zero{self.zero_stage}"
+        return (
+            f"{ds} model.grad_checkpoint={str(self.grad_checkpoint).lower()} "
+            f"data.micro_batch_size={self.micro_batch_size}"
+        )
+
+
+def settings(offload: bool | None) -> list[tuple[int, str]]:
+    """(ZeRO stage, offload) pairs, fastest first: every stage without offload, then the
+    optimizer offloaded (stages 2 and 3), then the weights too (stage 3)."""
+    pairs = [(s, "none") for s in (1, 2, 3)] + [(2, "optimizer"), (3, "optimizer"), (3, "params")]
+    if offload is None:
+        return pairs
+    return [(s, o) for s, o in pairs if (o != "none") == offload]
 
 
 def estimate(
@@ -62,28 +101,41 @@ def estimate(
     micro_batch_size: int,
     ctx_len: int,
     headroom_gb: float,
+    offload: str = "none",
 ) -> Estimate:
     """The memory of one setting (see the module docstring for the terms)."""
+    if offload not in OFFLOADS or (offload == "params" and zero_stage != 3):
+        raise ValueError(f"offload={offload!r} with ZeRO-{zero_stage}")
     p = model.num_params()
     c, v, layers = model.n_embd, model.vocab_size, model.n_layer
     block = ACT_VALUES[model.version] * c * 2  # bytes per token per block
     per_token = (layers * c * 2 + block) if grad_checkpoint else layers * block
     per_token += HEAD_BYTES_PER_LOGIT * v
+    weights = 2 * p
+    if zero_stage >= 3:
+        gathered = 2 * 2 * max(model.layer_params(), v * c)
+        weights = gathered + (0 if offload == "params" else 2 * p / gpus)
+    on_gpu = offload == "none"
     return Estimate(
         zero_stage=zero_stage,
         grad_checkpoint=grad_checkpoint,
         micro_batch_size=micro_batch_size,
-        weights=2 * p / (gpus if zero_stage >= 3 else 1),
-        gradients=2 * p / (gpus if zero_stage >= 2 else 1),
-        optimizer=16 * p / (gpus if zero_stage >= 1 else 1),
+        weights=weights,
+        gradients=2 * p / (gpus if zero_stage >= 2 else 1) if on_gpu else 0.0,
+        optimizer=16 * p / gpus if on_gpu else 0.0,
         activations=per_token * ctx_len * micro_batch_size,
         headroom=headroom_gb * GB,
+        offload=offload,
+        host=0.0 if on_gpu else (16 + (2 if offload == "params" else 0)) * p / gpus,
     )
 
 
 def candidates(cfg: DictConfig, model: RWKVConfig) -> list[Estimate]:
-    """Every setting the config allows, cheapest first: low stage, no checkpointing, big micro."""
-    stages = [cfg.zero_stage] if cfg.zero_stage is not None else [1, 2, 3]
+    """Every setting the config allows, cheapest first: no offload, low stage, no
+    checkpointing, big micro-batch."""
+    pairs = settings(cfg.offload)
+    if cfg.zero_stage is not None:
+        pairs = [(s, o) for s, o in pairs if s == cfg.zero_stage]
     ckpts = [cfg.grad_checkpoint] if cfg.grad_checkpoint is not None else [False, True]
     micros = (
         [cfg.micro_batch_size]
@@ -91,11 +143,16 @@ def candidates(cfg: DictConfig, model: RWKVConfig) -> list[Estimate]:
         else list(range(cfg.max_micro_batch, 0, -1))
     )
     return [
-        estimate(model, cfg.gpus, s, g, m, cfg.ctx_len, cfg.headroom_gb)
-        for s in stages
+        estimate(model, cfg.gpus, s, g, m, cfg.ctx_len, cfg.headroom_gb, o)
+        for s, o in pairs
         for g in ckpts
         for m in micros
     ]
+
+
+def gpus_per_node(cfg: DictConfig) -> int:
+    """The GPUs whose offloaded state shares one node's host memory."""
+    return min(cfg.gpus, cfg.gpus_per_node)
 
 
 def tokens_per_second(model: RWKVConfig, cfg: DictConfig) -> float:
@@ -126,19 +183,33 @@ def report(cfg: DictConfig) -> int:
         f"{model.flops_per_token() / 1e9:.1f} GFLOP/token (fwd+bwd)"
     )
     print(f"{cfg.gpus} GPUs x {cfg.gpu_mem_gb} GB, ctx_len {cfg.ctx_len}\n")
-    print("per GPU, GB          weights  grads  optim  activ  headroom  total")
-    for stage in (1, 2, 3):
+    node = gpus_per_node(cfg)
+    print("micro-batch 1, GB              weights  grads  optim  activ  headroom  total  host/node")
+    for stage, offload in settings(None):
         for ckpt in (False, True):
-            e = estimate(model, cfg.gpus, stage, ckpt, 1, cfg.ctx_len, cfg.headroom_gb)
-            label = f"ZeRO-{stage} ckpt={'on ' if ckpt else 'off'} mb=1"
+            e = estimate(model, cfg.gpus, stage, ckpt, 1, cfg.ctx_len, cfg.headroom_gb, offload)
+            where = {"none": "", "optimizer": " cpu:optim", "params": " cpu:optim+wts"}[offload]
+            label = f"ZeRO-{stage}{where} ckpt={'on' if ckpt else 'off'}"
             print(
-                f"{label:20s} {e.weights / GB:7.1f} {e.gradients / GB:6.1f} "
+                f"{label:30s} {e.weights / GB:7.1f} {e.gradients / GB:6.1f} "
                 f"{e.optimizer / GB:6.1f} {e.activations / GB:6.1f} {e.headroom / GB:9.1f} "
-                f"{e.total / GB:6.1f}"
+                f"{e.total / GB:6.1f} {e.host * node / GB:10.1f}"
             )
-    fits = [e for e in candidates(cfg, model) if e.total <= limit]
+    allowed = candidates(cfg, model)
+    fits = [e for e in allowed if e.total <= limit and e.host * node <= cfg.host_mem_gb * GB]
     if not fits:
-        e = min(candidates(cfg, model), key=lambda x: x.total)
+        e = min(allowed, key=lambda x: x.total)
+        setting = (
+            f"ZeRO-{e.zero_stage}, offload={e.offload}, grad_checkpoint={e.grad_checkpoint}, "
+            f"micro_batch_size={e.micro_batch_size}"
+        )
+        if e.total <= limit:  # the GPUs would do; the host cannot hold what is offloaded
+            print(
+                f"\nREFUSED: the smallest allowed setting ({setting}) fits the GPUs but needs "
+                f"{e.host * node / GB:.1f} GB of host memory per node ({node} GPUs) > "
+                f"host_mem_gb={cfg.host_mem_gb}. Use more nodes, or nodes with more memory."
+            )
+            return 1
         terms = {
             "weights": e.weights,
             "gradients": e.gradients,
@@ -147,24 +218,24 @@ def report(cfg: DictConfig) -> int:
         }
         worst = max(terms, key=terms.get)
         print(
-            f"\nREFUSED: the smallest allowed setting (ZeRO-{e.zero_stage}, grad_checkpoint="
-            f"{e.grad_checkpoint}, micro_batch_size={e.micro_batch_size}) needs "
-            f"{e.total / GB:.1f} GB per GPU > {cfg.gpu_mem_gb} GB; the largest term is {worst} "
-            f"({terms[worst] / GB:.1f} GB). Use more GPUs, a higher ZeRO stage, gradient "
-            "checkpointing, a smaller micro-batch or a shorter ctx_len."
+            f"\nREFUSED: the smallest allowed setting ({setting}) needs {e.total / GB:.1f} GB "
+            f"per GPU > {cfg.gpu_mem_gb} GB; the largest term is {worst} "
+            f"({terms[worst] / GB:.1f} GB). Use more GPUs, a higher ZeRO stage, CPU offload, "
+            "gradient checkpointing, a smaller micro-batch or a shorter ctx_len."
         )
         return 1
     best = fits[0]
     tps = tokens_per_second(model, cfg)
     global_tokens = cfg.global_batch_tokens or best.micro_batch_size * cfg.gpus * cfg.ctx_len
+    host = f", {best.host * node / GB:.1f} GB of host memory per node" if best.host else ""
     print(
-        f"\nproposed: deepspeed=zero{best.zero_stage} model.grad_checkpoint="
-        f"{str(best.grad_checkpoint).lower()} data.micro_batch_size={best.micro_batch_size} "
-        f"({best.total / GB:.1f} of {cfg.gpu_mem_gb} GB per GPU)"
+        f"\nproposed: {best.overrides()} ({best.total / GB:.1f} of {cfg.gpu_mem_gb} GB per GPU"
+        f"{host})"
     )
+    slower = " (less with offload: the optimizer steps on the CPU)" if best.host else ""
     print(
-        f"throughput at MFU {cfg.mfu:.0%}: {tps / 1e3:.1f}K tokens/s per GPU, "
-        f"{tps * cfg.gpus / 1e6:.2f}M tokens/s in all, "
+        f"throughput at MFU {cfg.mfu:.0%}{slower}: {tps / 1e3:.1f}K tokens/s per GPU, "
+        f"{tps * cfg.gpus / 1e3:.1f}K tokens/s in all, "
         f"{global_tokens / (tps * cfg.gpus):.2f} s per step of {global_tokens} tokens"
     )
     print(

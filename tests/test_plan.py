@@ -11,7 +11,8 @@ FINCH_14B = RWKVConfig(version=6, n_layer=61, n_embd=4096, mix_lora_dim=64, deca
 def test_zero_stages_partition_the_right_terms() -> None:
     p = FINCH_14B.num_params()
     e1, e2, e3 = (estimate(FINCH_14B, 64, s, True, 1, 4096, 0) for s in (1, 2, 3))
-    assert e1.weights == e2.weights == 2 * p and e3.weights == 2 * p / 64
+    gathered = 2 * 2 * FINCH_14B.vocab_size * FINCH_14B.n_embd  # the head, and one prefetched
+    assert e1.weights == e2.weights == 2 * p and e3.weights == 2 * p / 64 + gathered
     assert e1.gradients == 2 * p and e2.gradients == e3.gradients == 2 * p / 64
     assert e1.optimizer == e2.optimizer == e3.optimizer == 16 * p / 64
     assert e1.total > e2.total > e3.total
@@ -40,3 +41,28 @@ def test_plan_refuses_what_cannot_fit(capsys: pytest.CaptureFixture) -> None:
 def test_small_model_fits_without_checkpointing() -> None:
     small = RWKVConfig(version=6, n_layer=24, n_embd=2048)
     assert estimate(small, 8, 1, False, 1, 4096, 4).total < 80 * GB
+
+
+def test_offload_moves_optimizer_and_gradients_to_the_host() -> None:
+    p = FINCH_14B.num_params()
+    gpu = estimate(FINCH_14B, 8, 2, True, 1, 4096, 0)
+    opt = estimate(FINCH_14B, 8, 2, True, 1, 4096, 0, offload="optimizer")
+    wts = estimate(FINCH_14B, 8, 3, True, 1, 4096, 0, offload="params")
+    assert gpu.host == 0 and opt.optimizer == opt.gradients == 0 and opt.host == 16 * p / 8
+    assert opt.weights == gpu.weights and opt.activations == gpu.activations
+    assert (
+        wts.host == 18 * p / 8 and wts.weights < estimate(FINCH_14B, 8, 3, True, 1, 4096, 0).weights
+    )
+    with pytest.raises(ValueError, match="offload='params' with ZeRO-2"):
+        estimate(FINCH_14B, 8, 2, True, 1, 4096, 0, offload="params")
+
+
+def test_plan_offloads_only_when_nothing_else_fits(capsys: pytest.CaptureFixture) -> None:
+    assert main(["model=finch_3b", "gpus=1", "gpu_mem_gb=24"]) == 0
+    assert "proposed: deepspeed=zero2_offload model.grad_checkpoint=true" in capsys.readouterr().out
+    assert main(["model=finch_3b", "gpus=1", "gpu_mem_gb=24", "offload=false"]) == 1
+    assert "REFUSED" in capsys.readouterr().out
+    assert main(["model=finch_3b", "gpus=1", "gpu_mem_gb=24", "host_mem_gb=32"]) == 1
+    assert "GB of host memory per node (1 GPUs) > host_mem_gb=32" in capsys.readouterr().out
+    assert main(["model=finch_14b", "gpus=8", "gpu_mem_gb=80"]) == 0
+    assert "proposed: deepspeed=zero2 " in capsys.readouterr().out  # fits without: no offload
