@@ -10,7 +10,7 @@ job killed while saving leaves either nothing or a temporary file that is ignore
 archive opens is used; any other is skipped with a warning.
 
 Under DeepSpeed ZeRO a checkpoint is a folder of the same name: every rank writes its own
-partition (zero_pp_rank_{R}_*_optim_states.pt, and under stage 3 its parameters) into the
+partition ([bf16_]zero_pp_rank_{R}_*_optim_states.pt, and under stage 3 its parameters) into the
 temporary folder, all ranks meet at a barrier, and only then does rank 0 rename the folder
 and write the record (which also holds the world size). A folder is valid when its record
 exists, its size matches and one optimizer partition per rank is present. Partitions only
@@ -32,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step(\d{8})\.ckpt$")
-_SHARD = re.compile(r"^zero_pp_rank_(\d+)_.*optim_states\.pt$")
+# bf16 training's partitions carry a prefix (DeepSpeed's bf16 optimizer names them so).
+_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_.*optim_states\.pt$")
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:

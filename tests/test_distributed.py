@@ -248,6 +248,8 @@ def _build_partitioned(rank: int, port: int, out: str, *extra: str) -> None:
     module = RWKVLitModule(plan.cfg, plan.model, plan.accumulate, plan.init_from)
     torch.manual_seed(plan.cfg.seed)
     config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    if plan.cfg.trainer.precision.startswith("bf16"):  # as Lightning does: built in bf16
+        config["bf16"] = {"enabled": True}
     with deepspeed.zero.Init(config_dict_or_path=config):
         module.configure_model()
     net = module.net
@@ -265,17 +267,22 @@ def build_overrides(out: str, *extra: str) -> list[str]:
     return train_overrides(data, run_dir, *SAME, "deepspeed=zero3", "trainer.devices=2", *extra)
 
 
-def test_zero3_partitioned_build_equals_eager_build(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_zero3_partitioned_build_equals_eager_build(tmp_path: Path, precision: str) -> None:
+    """Under bf16 the parameters are built in bf16: the weights must still be the eager
+    float32 build's, rounded once."""
     tiny_data(tmp_path / "data")
     out = str(tmp_path / "built.pt")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_build_partitioned, args=(free_port(), out), nprocs=2, join=True)
+    extra = f"trainer.precision={precision}"
+    mp.spawn(_build_partitioned, args=(free_port(), out, extra), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
 
     from rwkv_train.config import validate
     from rwkv_train.model import RWKV
 
-    plan = validate(compose_config(build_overrides(out)))
+    plan = validate(compose_config(build_overrides(out, extra)))
     torch.manual_seed(plan.cfg.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: LAPACK's QR (orthogonal init) may depend on it
@@ -285,7 +292,8 @@ def test_zero3_partitioned_build_equals_eager_build(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
     assert set(got["full"]) == set(eager)
     for k, v in eager.items():
-        assert torch.equal(got["full"][k], v), (k, (got["full"][k] - v).abs().max())
+        v = v.to(dtype)
+        assert torch.equal(got["full"][k], v), (k, (got["full"][k].float() - v).abs().max())
     big = "blocks.0.att.key.weight"  # partitioned: rank 0 holds half of it
     assert got["local"][big] == eager[big].numel() // 2
 
@@ -424,6 +432,33 @@ def test_offload_runs_match_zero2_and_resume(
     done = launch(cmd, runs["root"])
     assert "(step 2)" in done.stdout + done.stderr, "the log must say where it resumed"
     assert_zero2_losses()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_runs_track_fp32_and_resume_exactly(
+    runs: dict[str, Path], tmp_path: Path, stage: int
+) -> None:
+    """trainer=gpu's precision (bf16-mixed: bf16 weights and compute, fp32 master weights in
+    the optimizer) under ZeRO-2 and 3: the fp32 ZeRO-2 run's losses to bf16 accuracy, a
+    resume from the step-2 checkpoint bit for bit, and an export of fp32 master weights."""
+    run_dir = tmp_path / f"bf16_zero{stage}"
+    cmd = command(
+        runs["data"], run_dir, f"deepspeed=zero{stage}", "trainer.precision=bf16-mixed",
+        "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+    )  # fmt: skip
+    launch(cmd, runs["root"])
+    first, want = history(run_dir), history(runs["zero2"])
+    assert [s for s, _ in first] == [s for s, _ in want] == [1, 2, 3, 4]
+    for (s, a), (_, b) in zip(first, want, strict=True):
+        assert a == pytest.approx(b, abs=2e-2) and a != b, (s, a, b)  # bf16, not fp32
+    shutil.rmtree(run_dir / "checkpoints" / "step00000004.ckpt")
+    (run_dir / "checkpoints" / "step00000004.json").unlink()
+    done = launch(cmd, runs["root"])
+    assert "(step 2)" in done.stdout + done.stderr, "the log must say where it resumed"
+    assert history(run_dir) == first
+    weights = load_checkpoint_weights(run_dir / "checkpoints" / "step00000004.ckpt")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert any((v != v.bfloat16().float()).any() for v in weights.values())  # not bf16 copies
 
 
 def test_other_ranks_stop_when_rank_zero_cannot_convert(

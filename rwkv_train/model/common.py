@@ -33,6 +33,23 @@ def channel_ramp(n: int, device: torch.device | None = None) -> tuple[Tensor, Te
     return i / n, i / max(n - 1, 1)
 
 
+def float32_empty(*shape: int, device: torch.device | None = None) -> Tensor:
+    """An uninitialised float32 tensor, also inside `deepspeed.zero.Init`.
+
+    Under bf16 training ZeRO-3 builds bf16 parameters (zero.Init turns every floating tensor
+    a constructor makes into bf16; a conversion such as `.float()` it leaves alone). Random
+    draws made into a bf16 tensor differ from the eager float32 build's by more than one
+    rounding, and QR has no bf16 kernel, so the random inits draw into float32 and copy.
+    """
+    return torch.empty(*shape, device=device).float()
+
+
+def uniform(param: Tensor, low: float, high: float) -> None:
+    """nn.init.uniform_ with the draws of a float32 tensor, whatever param's dtype."""
+    if not param.is_meta:
+        assign(param, float32_empty(*param.shape, device=param.device).uniform_(low, high))
+
+
 def zigzag(n: int, device: torch.device | None = None) -> Tensor:
     """((i + 1) mod 3) - 1 for i < n: the -1, 0, 1 pattern the bonus inits add."""
     return (torch.arange(n, device=device) + 1) % 3 - 1.0
@@ -66,6 +83,16 @@ def init_matrix_wkv(
     assign(ln_x.bias, 0.0)
 
 
+def orthogonal(rows: int, cols: int, gain: float, device: torch.device) -> Tensor:
+    """nn.init.orthogonal_'s matrix (the same random draws and values), in float32."""
+    flat = float32_empty(rows, cols, device=device).normal_(0, 1)
+    if rows < cols:
+        flat = flat.t()
+    q, r = torch.linalg.qr(flat)
+    q = q * torch.diagonal(r).sign()
+    return (q.t() if rows < cols else q) * gain
+
+
 class Linear(nn.Module):
     """y = x W^T without bias; W initialised orthogonal with gain scale * sqrt(max(1, out/in)).
 
@@ -86,7 +113,9 @@ class Linear(nn.Module):
             nn.init.zeros_(self.weight)
             return
         gain = self.scale * math.sqrt(max(1.0, self.out_features / self.in_features))
-        nn.init.orthogonal_(self.weight, gain=gain)
+        assign(
+            self.weight, orthogonal(self.out_features, self.in_features, gain, self.weight.device)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
@@ -104,8 +133,7 @@ class Embedding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if not self.weight.is_meta:
-            nn.init.uniform_(self.weight, -1e-4, 1e-4)
+        uniform(self.weight, -1e-4, 1e-4)
 
     def forward(self, idx: Tensor) -> Tensor:
         return F.embedding(idx, self.weight)

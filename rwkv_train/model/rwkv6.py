@@ -17,6 +17,7 @@ from rwkv_train.model.common import (
     init_matrix_wkv,
     layer_ratios,
     token_shift,
+    uniform,
 )
 from rwkv_train.model.config import RWKVConfig
 from rwkv_train.ops import wkv6
@@ -61,8 +62,7 @@ class TimeMix(nn.Module):
         for lora in (self.time_maa_w1, self.time_decay_w1):
             assign(lora, 0.0)
         for lora in (self.time_maa_w2, self.time_decay_w2):
-            if not lora.is_meta:
-                nn.init.uniform_(lora, -0.01, 0.01)
+            uniform(lora, -0.01, 0.01)
 
     def forward(
         self, x: Tensor, shift: Tensor | None, state: Tensor | None
