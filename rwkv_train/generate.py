@@ -12,7 +12,7 @@ character split across tokens appears once complete.
 import argparse
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -51,14 +51,22 @@ def generate_ids(
     temperature: float = 1.0,
     top_p: float = 0.85,
     seed: int = 0,
+    agree: Callable[[int], int] | None = None,
 ) -> Iterator[int]:
-    """Yields sampled token ids until max_tokens or token 0."""
+    """Yields sampled token ids until max_tokens or token 0.
+
+    `agree` maps each sampled token to the one to continue with. Processes that must make
+    the same forward calls (ZeRO-3 gathers the weights of every call from all ranks) pass
+    one that returns rank 0's token on every rank.
+    """
     gen = torch.Generator().manual_seed(seed)  # its own RNG: sampling never moves training's
     device = next(net.parameters()).device
     ids = prompt_ids or [0]  # an empty prompt starts as after a document's end
     logits, state = net.forward_with_state(torch.tensor([ids], device=device), None)
     for _ in range(max_tokens):
         tok = sample(logits[0, -1].float().cpu(), temperature, top_p, gen)
+        if agree is not None:
+            tok = agree(tok)
         if tok == 0:
             return
         yield tok

@@ -4,7 +4,14 @@ Every `logger.log_samples_every_n_steps` optimizer steps, rank 0 continues a few
 RNN mode and logs (step, prompt, text) rows to the W&B table `samples`. Sampling uses its
 own seeded generator and runs under no_grad in eval mode, so it changes neither the training
 RNG nor the weights: a resumed run stays bitwise identical with or without samples.
+
+Under ZeRO-3 every forward call gathers its weights from all ranks, so rank 0 cannot sample
+alone (the others would be in the next training step's collectives: a crash or a hang).
+There every rank samples, continuing with rank 0's token, and only rank 0 logs.
 """
+
+from collections.abc import Callable
+from functools import partial
 
 import lightning as L
 import torch
@@ -29,17 +36,22 @@ class SampleLogger(L.Callback):
         if step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step  # the callback runs once per micro-batch
-        if not trainer.is_global_zero:
-            return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
             return
-        rows = [[step, p, self.sample(pl_module.net, p)] for p in PROMPTS]
-        for lg in loggers:
-            lg.log_text(key="samples", columns=["step", "prompt", "text"], data=rows, step=step)
+        partitioned = any(hasattr(p, "ds_id") for p in pl_module.net.parameters())  # ZeRO-3
+        if not (partitioned or trainer.is_global_zero):
+            return
+        agree = partial(trainer.strategy.broadcast, src=0) if partitioned else None
+        rows = [[step, p, self.sample(pl_module.net, p, agree)] for p in PROMPTS]
+        if trainer.is_global_zero:
+            for lg in loggers:
+                lg.log_text(key="samples", columns=["step", "prompt", "text"], data=rows, step=step)
 
-    def sample(self, net: torch.nn.Module, prompt: str) -> str:
-        """One continuation of `prompt`, sampled with a fixed seed."""
+    def sample(
+        self, net: torch.nn.Module, prompt: str, agree: Callable[[int], int] | None = None
+    ) -> str:
+        """One continuation of `prompt`, sampled with a fixed seed (see generate_ids)."""
         if self._tokenizer is None:
             from data_prep.tokenizer import WorldTokenizer
 
@@ -51,7 +63,7 @@ class SampleLogger(L.Callback):
         try:
             with torch.no_grad():
                 pieces = generate_text(
-                    net, prompt, self._tokenizer, max_tokens=self.max_tokens, seed=0
+                    net, prompt, self._tokenizer, max_tokens=self.max_tokens, seed=0, agree=agree
                 )
                 return "".join(pieces)
         finally:

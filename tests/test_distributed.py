@@ -461,6 +461,29 @@ def test_bf16_runs_track_fp32_and_resume_exactly(
     assert any((v != v.bfloat16().float()).any() for v in weights.values())  # not bf16 copies
 
 
+def test_zero3_run_logs_samples_on_every_rank_without_a_hang(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Under ZeRO-3 each forward call gathers weights from all ranks: text samples are drawn
+    by every rank (rank 0's tokens), logged by rank 0, and leave training unchanged."""
+    run_dir = tmp_path / "samples"
+    cmd = command(
+        runs["data"], run_dir, "deepspeed=zero3", "trainer.max_steps=4",
+        "checkpoint.every_n_steps=2", "logger=wandb", "logger.mode=offline",
+        "logger.log_samples_every_n_steps=2",
+    )  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=runs["root"], env=environment(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got, want = history(run_dir), history(runs["zero2"])
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    for (s, a), (_, b) in zip(got, want, strict=True):
+        assert abs(a - b) <= 1e-5, (s, a, b)
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"samples" in wandb_file.read_bytes()
+
+
 def test_other_ranks_stop_when_rank_zero_cannot_convert(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
