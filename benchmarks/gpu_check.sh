@@ -11,6 +11,7 @@
 # BASELINE=folder of other CUDA sources (e.g. a copy of the previous commit's cuda/) also
 # times those kernels, built in the background while the tests run.
 # Worst case about 9.5 minutes (the time limits); expected 5 to 8, most of it fla's autotuning.
+# With device time left, benchmarks/gpu_train_check.sh runs the trainer itself on the GPU.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}

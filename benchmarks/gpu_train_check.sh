@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One invocation on a GPU machine: the whole trainer in the GPU configuration, which CI (CPU
+# only) never runs. For ZeRO-2 and ZeRO-3 on one GPU, bf16-mixed, the CUDA WKV kernel:
+# STEPS steps with a checkpoint halfway, then the same command again after deleting the final
+# checkpoint, which must resume from the halfway one and repeat the second half's losses.
+#
+#   bash benchmarks/gpu_train_check.sh      # from the repository root; OUT=folder for logs
+#
+# The GPU image lacks DeepSpeed (and its pydantic, hjson) and Hydra (hydra-core, omegaconf,
+# antlr4-python3-runtime): put their wheels in .whl/ (gitignored; pure Python except
+# pydantic-core, for the image's Python 3.12) and carry it. The data is this repository's
+# Markdown, tokenised with the World tokenizer. About 3 minutes; TRAINER=cpu runs it here.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TRAINER=${TRAINER:-gpu}
+STEPS=${STEPS:-40}
+WORK=${WORK:-/tmp/rwkv_gpu_train_check}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/rwkv_torch_extensions}
+if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${NO_WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+rm -rf "$WORK"
+mkdir -p "$WORK"
+
+echo "=== data"
+timeout 300 $PY -m data_prep.build 'inputs=[README.md,BENCHMARKS.md]' val_fraction=0 \
+    output_dir="$WORK/data" 2>&1 | tail -3 | tee "$OUT/train_data.log"
+
+for stage in 2 3; do
+    run="$WORK/zero$stage"
+    args=(model=finch_debug "trainer=$TRAINER" trainer.precision=bf16-mixed "deepspeed=zero$stage"
+        "data.path=$WORK/data" data.ctx_len=512 data.micro_batch_size=8 data.global_batch_size=8
+        data.val_samples=0 "trainer.max_steps=$STEPS" "checkpoint.every_n_steps=$((STEPS / 2))"
+        logger=none trainer.progress_bar=false "run_dir=$run")
+    echo "=== zero$stage: $STEPS steps"
+    timeout 300 $PY -m rwkv_train.train "${args[@]}" >"$OUT/train_zero$stage.log" 2>&1
+    echo "zero$stage: rc=$?"
+    cp "$run/metrics.jsonl" "$WORK/zero$stage.first.jsonl" 2>/dev/null
+    final=$(printf "%s/checkpoints/step%08d" "$run" "$STEPS")
+    rm -rf "$final.ckpt" "$final.json"
+    echo "=== zero$stage: resumed"
+    timeout 300 $PY -m rwkv_train.train "${args[@]}" >"$OUT/train_zero${stage}_resumed.log" 2>&1
+    echo "zero$stage resumed: rc=$?"
+    grep -h "WKV backend\|resuming from" "$OUT/train_zero${stage}_resumed.log" | sort -u | tail -2
+    $PY - "$WORK/zero$stage.first.jsonl" "$run/metrics.jsonl" "$STEPS" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys
+def steps(path):
+    return {r["step"]: r for r in map(json.loads, open(path)) if "train/loss" in r}
+first, again, n = steps(sys.argv[1]), steps(sys.argv[2]), int(sys.argv[3])
+second_half = range(n // 2 + 1, n + 1)
+diff = max(abs(first[s]["train/loss"] - again[s]["train/loss"]) for s in second_half)
+tps = [r["perf/tokens_per_sec"] for r in first.values() if "perf/tokens_per_sec" in r]
+mem = max(r.get("mem/max_reserved_gib", 0) for r in first.values())
+print(f"{sys.argv[1].rsplit('/', 1)[1].split('.')[0]}: loss {first[1]['train/loss']:.3f} -> "
+      f"{first[n]['train/loss']:.3f} over {n} steps; resume: max |loss diff| {diff:.2e} over "
+      f"steps {n // 2 + 1}-{n}; {tps[-1] / 1e3:.1f}K tokens/s at the end; {mem:.2f} GiB reserved")
+EOF
+done
+exit 0
