@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One invocation on a GPU machine: the whole trainer in the GPU configuration, which CI (CPU
-# only) never runs. For ZeRO-2 and ZeRO-3 on one GPU, bf16-mixed, the CUDA WKV kernel:
+# only) never runs. For ZeRO-2 and ZeRO-3 (with gradient checkpointing) on one GPU,
+# bf16-mixed, the CUDA WKV kernel:
 # STEPS steps with a checkpoint halfway, then the same command again after deleting the final
 # checkpoint, which must resume from the halfway one and repeat the second half's losses.
 #
@@ -34,7 +35,8 @@ timeout 300 $PY -m data_prep.build 'inputs=[README.md,BENCHMARKS.md]' val_fracti
 
 for stage in 2 3; do
     run="$WORK/zero$stage"
-    args=(model=finch_debug "trainer=$TRAINER" trainer.precision=bf16-mixed "deepspeed=zero$stage"
+    ckpt=$([ "$stage" = 3 ] && echo true || echo false)
+    args=(model=finch_debug "model.grad_checkpoint=$ckpt" "trainer=$TRAINER" trainer.precision=bf16-mixed "deepspeed=zero$stage"
         "data.path=$WORK/data" data.ctx_len=512 data.micro_batch_size=8 data.global_batch_size=8
         data.val_samples=0 "trainer.max_steps=$STEPS" "checkpoint.every_n_steps=$((STEPS / 2))"
         logger=none trainer.progress_bar=false "run_dir=$run")
