@@ -27,7 +27,7 @@ from torch import Tensor
 from rwkv_train.config import TrainConfig
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
-from rwkv_train.optim import L2Wrap, LRSchedule, build_optimizer
+from rwkv_train.optim import L2Wrap, LRSchedule, adopt_loaded_state, build_optimizer
 from rwkv_train.reshard import INFO_KEY as UNIVERSAL_INFO_KEY
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,27 @@ def _load_pth_partitioned(net: RWKV, path: str) -> None:
         restore_init_context()
 
 
+def _align_batch_progress(checkpoint: dict[str, Any], accumulate: int) -> None:
+    """Count the restored micro-batches in this run's accumulation.
+
+    Lightning ends an optimizer step when its count of micro-batches reaches a multiple of the
+    accumulation. A checkpoint counts them in the accumulation it was written with, which
+    differs after resuming on another number of ranks (16 ranks with 1 micro-batch per step
+    become 8 with 2): from an odd step the first step would end after one micro-batch, and
+    every later one would straddle two steps of the sampler. Shifting the counts to
+    global_step x accumulate (keeping their offsets from one another) restores the boundary;
+    with an unchanged accumulation the shift is zero.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    progress = loop.get("epoch_loop.batch_progress")
+    if not progress:
+        return
+    shift = checkpoint["global_step"] * accumulate - progress["total"]["ready"]
+    for part in ("total", "current"):
+        for key in progress[part]:
+            progress[part][key] += shift
+
+
 def architecture(cfg: RWKVConfig) -> dict[str, Any]:
     """The fields that fix the weights' shapes and meaning (not how they are computed)."""
     d = cfg.to_dict()
@@ -176,6 +197,7 @@ class RWKVLitModule(L.LightningModule):
         self._loss_sum = 0.0
         self._grad_norm = float("nan")
         self._throughput = Throughput()
+        self._optimizer: torch.optim.Optimizer | None = None
         self._val_sum = 0.0
         self._val_count = 0
 
@@ -276,12 +298,15 @@ class RWKVLitModule(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         schedule = {"scheduler": scheduler, "interval": "step"}
+        self._optimizer = optimizer  # DeepSpeed wraps it; the state it loads lands here
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        if self._optimizer is not None:  # after a resume: saved by AdamW or by CPU Adam
+            adopt_loaded_state(self._optimizer)
         self._micro = 0
         self._loss_sum = 0.0
 
@@ -397,3 +422,4 @@ class RWKVLitModule(L.LightningModule):
             )
         self.nonfinite_count = extra["nonfinite_count"]
         self._rng_to_restore = extra["rng"]
+        _align_batch_progress(checkpoint, self.accumulate)

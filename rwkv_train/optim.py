@@ -70,6 +70,29 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.eps)
 
 
+def adopt_loaded_state(optimizer: torch.optim.Optimizer) -> None:
+    """Put a resumed optimizer state into the form this optimizer steps with.
+
+    A run may resume with ZeRO-Offload turned on or off (more GPUs, or fewer), so state that
+    torch's AdamW saved can reach DeepSpeed's CPU Adam and the reverse: their Adam moments are
+    the same, but CPU Adam wants an int step and a `bias_correction` group key, AdamW a
+    tensor step and its own group keys. A state already in this optimizer's form is left as
+    it is (an unchanged resume stays bit for bit).
+    """
+    cpu_adam = type(optimizer).__name__ == "DeepSpeedCPUAdam"
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            group.setdefault(key, value)
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if step is None:
+            continue
+        if cpu_adam and torch.is_tensor(step):
+            state["step"] = int(step.item())
+        elif not cpu_adam and not torch.is_tensor(step):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
 @dataclass
 class LRSchedule:
     """lr(step) / lr_init: linear warmup from `warmup_start`, then decay over tokens.

@@ -360,6 +360,32 @@ def test_resume_on_one_rank_from_two_rank_zero_checkpoint(
     assert check_resumable(final, 1, stage) is False  # written by this 1-rank run
 
 
+def test_resume_on_one_rank_from_an_odd_step_keeps_the_step_boundaries(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two ranks take one micro-batch per step, one rank takes two. Resumed at step 3, the
+    one-rank run must end its next step after two micro-batches (counted in its own
+    accumulation, not the checkpoint's): step 4 gets the two-rank run's loss."""
+    run_dir = tmp_path / "odd"
+    launch(
+        command(runs["data"], run_dir, "deepspeed=zero2", "trainer.max_steps=4",
+                "checkpoint.every_n_steps=1"),
+        runs["root"],
+    )  # fmt: skip
+    final = run_dir / "checkpoints" / "step00000004"
+    shutil.rmtree(final.with_suffix(".ckpt"))
+    final.with_suffix(".json").unlink()
+    cmd = command(
+        runs["data"], run_dir, "deepspeed=zero2", "trainer.max_steps=4",
+        "checkpoint.every_n_steps=1", "trainer.devices=1",
+    )  # fmt: skip
+    done = launch(cmd, runs["root"])
+    assert "(step 3)" in done.stdout + done.stderr
+    got, want = history(run_dir), history(runs["zero2"])
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+    assert got[3][1] == pytest.approx(want[3][1], abs=1e-5)
+
+
 def test_reshard_command_converts_a_checkpoint_saved_without_the_universal_key(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -432,6 +458,30 @@ def test_offload_runs_match_zero2_and_resume(
     done = launch(cmd, runs["root"])
     assert "(step 2)" in done.stdout + done.stderr, "the log must say where it resumed"
     assert_zero2_losses()
+
+
+def test_offload_can_be_turned_on_and_off_on_resume(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A run moved to fewer GPUs turns offload on, one moved to more turns it off: the Adam
+    state that torch's AdamW saved continues in DeepSpeed's CPU Adam (same rank count), and
+    the CPU Adam's continues in AdamW on one rank (through the universal form), each giving
+    the losses of the run that never switched."""
+
+    def resume(name: str, source: Path, *extra: str) -> list[tuple[int, float]]:
+        run_dir = tmp_path / name
+        shutil.copytree(source, run_dir)
+        cmd = command(runs["data"], run_dir, "trainer.max_steps=6", "checkpoint.every_n_steps=1")
+        launch([*cmd, *extra], runs["root"])
+        return history(run_dir)
+
+    same = resume("same", runs["zero2"], "deepspeed=zero2")
+    on = resume("on", runs["zero2"], "deepspeed=zero2_offload")
+    final = tmp_path / "on" / "checkpoints" / "step00000006"
+    shutil.rmtree(final.with_suffix(".ckpt"))
+    final.with_suffix(".json").unlink()
+    off = resume("off", tmp_path / "on", "deepspeed=zero2", "trainer.devices=1")
+    assert [s for s, _ in same] == [s for s, _ in on] == [s for s, _ in off] == list(range(1, 7))
+    for (s, a), (_, b), (_, c) in zip(same[4:], on[4:], off[4:], strict=True):
+        assert b == pytest.approx(a, rel=1e-6) and c == pytest.approx(a, rel=1e-6), (s, a, b, c)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
