@@ -78,6 +78,13 @@ def history(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
 
 
+def drop_checkpoint(run_dir: Path, step: int) -> None:
+    """Delete the checkpoint of `step` (folder and record), so a rerun resumes before it."""
+    path = run_dir / "checkpoints" / f"step{step:08d}"
+    shutil.rmtree(path.with_suffix(".ckpt"))
+    path.with_suffix(".json").unlink()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist")
@@ -376,9 +383,7 @@ def test_resume_on_one_rank_from_an_odd_step_keeps_the_step_boundaries(
                 "checkpoint.every_n_steps=1"),
         runs["root"],
     )  # fmt: skip
-    final = run_dir / "checkpoints" / "step00000004"
-    shutil.rmtree(final.with_suffix(".ckpt"))
-    final.with_suffix(".json").unlink()
+    drop_checkpoint(run_dir, 4)
     cmd = command(
         runs["data"], run_dir, "deepspeed=zero2", "trainer.max_steps=4",
         "checkpoint.every_n_steps=1", "trainer.devices=1",
@@ -457,8 +462,7 @@ def test_offload_runs_match_zero2_and_resume(
 
     launch(cmd, runs["root"])
     assert_zero2_losses()
-    shutil.rmtree(run_dir / "checkpoints" / "step00000004.ckpt")
-    (run_dir / "checkpoints" / "step00000004.json").unlink()
+    drop_checkpoint(run_dir, 4)
     done = launch(cmd, runs["root"])
     assert "(step 2)" in done.stdout + done.stderr, "the log must say where it resumed"
     assert_zero2_losses()
@@ -479,9 +483,7 @@ def test_offload_can_be_turned_on_and_off_on_resume(runs: dict[str, Path], tmp_p
 
     same = resume("same", runs["zero2"], "deepspeed=zero2")
     on = resume("on", runs["zero2"], "deepspeed=zero2_offload")
-    final = tmp_path / "on" / "checkpoints" / "step00000006"
-    shutil.rmtree(final.with_suffix(".ckpt"))
-    final.with_suffix(".json").unlink()
+    drop_checkpoint(tmp_path / "on", 6)
     off = resume("off", tmp_path / "on", "deepspeed=zero2", "trainer.devices=1")
     assert [s for s, _ in same] == [s for s, _ in on] == [s for s, _ in off] == list(range(1, 7))
     for (s, a), (_, b), (_, c) in zip(same[4:], on[4:], off[4:], strict=True):
@@ -505,8 +507,7 @@ def test_bf16_runs_track_fp32_and_resume_exactly(
     assert [s for s, _ in first] == [s for s, _ in want] == [1, 2, 3, 4]
     for (s, a), (_, b) in zip(first, want, strict=True):
         assert a == pytest.approx(b, abs=2e-2) and a != b, (s, a, b)  # bf16, not fp32
-    shutil.rmtree(run_dir / "checkpoints" / "step00000004.ckpt")
-    (run_dir / "checkpoints" / "step00000004.json").unlink()
+    drop_checkpoint(run_dir, 4)
     done = launch(cmd, runs["root"])
     assert "(step 2)" in done.stdout + done.stderr, "the log must say where it resumed"
     assert history(run_dir) == first
