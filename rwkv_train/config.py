@@ -59,6 +59,11 @@ class TrainerConfig:
     """Lightning precision: "32-true" on CPU, "bf16-mixed" on GPU."""
     max_steps: int = 100
     """Optimizer steps to train (the run ends there)."""
+    segment_len: int = 0
+    """Run each sample as consecutive segments of this many tokens, the RNN state carried
+    from one to the next and each recomputed in the backward pass (rwkv_train/bptt.py): the
+    gradient of the whole sample (exact BPTT, not truncated) with the activation memory of
+    one segment. For data.ctx_len beyond what fits whole, e.g. 65536 with 4096. 0: whole."""
     log_every_n_steps: int = 1
     """How often metrics go to the loggers (metrics.jsonl gets every step)."""
     val_every_n_steps: int = 0
@@ -290,6 +295,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
     t, o = tc.trainer, tc.optim
     if t.max_steps < 1:
         raise ConfigError("trainer.max_steps", "must be at least 1")
+    if t.segment_len < 0:
+        raise ConfigError("trainer.segment_len", "must be 0 (whole samples) or a token count")
     if o.decay not in ("cosine", "exponential", "constant"):
         raise ConfigError("optim.decay", f"{o.decay!r} is not cosine, exponential or constant")
     if o.lr_init <= 0 or o.lr_final <= 0:

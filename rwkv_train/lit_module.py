@@ -4,8 +4,9 @@ It wraps `rwkv_train.model.RWKV` (as `self.net`, built on the meta device in
 `configure_model()` and then initialised in place, so large models never exist twice in
 memory), computes the loss as the mean over every target token of the global batch
 (Lightning divides each micro-batch's mean by the accumulation count, and all micro-batches
-hold the same number of tokens), adds L2Wrap, owns the optimizer groups and the LR schedule,
-and writes one record of metrics per optimizer step.
+hold the same number of tokens), adds L2Wrap (both through `bptt.segmented_loss`, which
+runs a sample in segments when `trainer.segment_len` asks for it), owns the optimizer
+groups and the LR schedule, and writes one record of metrics per optimizer step.
 
 Under several ranks the logged loss and performance figures are reduced across ranks (see
 `_reduce_across_ranks`); under DeepSpeed the engine clips gradients itself (its
@@ -21,13 +22,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from rwkv_train.bptt import segmented_loss
 from rwkv_train.config import TrainConfig
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
-from rwkv_train.optim import L2Wrap, LRSchedule, adopt_loaded_state, build_optimizer
+from rwkv_train.optim import LRSchedule, adopt_loaded_state, build_optimizer
 from rwkv_train.reshard import INFO_KEY as UNIVERSAL_INFO_KEY
 
 log = logging.getLogger(__name__)
@@ -241,24 +242,25 @@ class RWKVLitModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch  # (B, T), (B, T)
-        logits = self(x)  # (B, T, V) float32
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss, ce = segmented_loss(self.net, x, y, self._segment_len(x), self.cfg.optim.l2wrap)
         if self.trainer.world_size > 1:
             # Every rank must take the same branch, and Lightning cannot skip a step across
             # ranks: a non-finite loss on any rank stops the run on all of them (the last
             # checkpoint holds the state before it). The zero loss keeps the collectives of
             # this last step in line; its update is never saved.
-            bad = (~torch.isfinite(loss.detach())).float()
+            bad = (~torch.isfinite(ce)).float()
             if self.trainer.strategy.reduce(bad, reduce_op="max") > 0:
-                self._on_nonfinite(loss, stop=True)
+                self._on_nonfinite(ce, stop=True)
                 return sum(p.sum() for p in self.net.parameters()) * 0.0
-        elif not torch.isfinite(loss):
-            self._on_nonfinite(loss)
+        elif not torch.isfinite(ce):
+            self._on_nonfinite(ce)
             return None
-        self._loss_sum = self._loss_sum + loss.detach()
-        if self.cfg.optim.l2wrap > 0:
-            loss = L2Wrap.apply(loss, logits, self.cfg.optim.l2wrap)
+        self._loss_sum = self._loss_sum + ce
         return loss
+
+    def _segment_len(self, x: Tensor) -> int:
+        """Tokens per forward+backward segment: trainer.segment_len, or the whole sample."""
+        return self.cfg.trainer.segment_len or x.shape[1]
 
     def _on_nonfinite(self, loss: Tensor, stop: bool = False) -> None:
         self.nonfinite_count += 1
@@ -384,8 +386,8 @@ class RWKVLitModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
-        self._val_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        _, ce = segmented_loss(self.net, x, y, self._segment_len(x))
+        self._val_sum += ce.item() * y.numel()
         self._val_count += y.numel()
 
     def on_validation_epoch_end(self) -> None:

@@ -14,7 +14,9 @@ over n GPUs:
 - activations per sample of T tokens: every block keeps about `ACT_VALUES[version]` bf16 values
   per channel per token for its backward; with checkpointing a block keeps only its input (C
   values) and one block at a time is recomputed; the head keeps the bf16 logits and fp32
-  softmax and its gradient, 10 bytes per token per vocabulary entry.
+  softmax and its gradient, 10 bytes per token per vocabulary entry. With `segment_len`
+  (exact BPTT in segments, rwkv_train/bptt.py) T is the segment's length, plus the fp32 RNN
+  state kept at the start of every segment (n_layer x (2C + C N) floats; RWKV-4: 5C).
 
 CPU offload (ZeRO-Offload) moves the optimizer term and the gradients to host memory (only
 the reduce buckets stay on the GPU, inside the headroom), and with ZeRO-3 optionally the
@@ -63,6 +65,7 @@ class Estimate:
     headroom: float
     offload: str = "none"
     host: float = 0.0
+    segment_len: int = 0
 
     @property
     def total(self) -> float:
@@ -78,9 +81,10 @@ class Estimate:
                 ds = f"deepspeed=zero{self.zero_stage} deepspeed.offload_optimizer=true"
         else:
             ds = f"deepspeed=zero{self.zero_stage}"
+        segments = f" trainer.segment_len={self.segment_len}" if self.segment_len else ""
         return (
             f"{ds} model.grad_checkpoint={str(self.grad_checkpoint).lower()} "
-            f"data.micro_batch_size={self.micro_batch_size}"
+            f"data.micro_batch_size={self.micro_batch_size}{segments}"
         )
 
 
@@ -102,6 +106,7 @@ def estimate(
     ctx_len: int,
     headroom_gb: float,
     offload: str = "none",
+    segment_len: int = 0,
 ) -> Estimate:
     """The memory of one setting (see the module docstring for the terms)."""
     if offload not in OFFLOADS or (offload == "params" and zero_stage != 3):
@@ -111,6 +116,11 @@ def estimate(
     block = ACT_VALUES[model.version] * c * 2  # bytes per token per block
     per_token = (layers * c * 2 + block) if grad_checkpoint else layers * block
     per_token += HEAD_BYTES_PER_LOGIT * v
+    tokens, states = ctx_len, 0.0
+    if 0 < segment_len < ctx_len:
+        wkv_state = model.n_embd * (3 if model.version == 4 else model.head_size)
+        tokens = segment_len
+        states = math.ceil(ctx_len / segment_len) * layers * (2 * c + wkv_state) * 4
     weights = 2 * p
     if zero_stage >= 3:
         gathered = 2 * 2 * max(model.layer_params(), v * c)
@@ -123,10 +133,11 @@ def estimate(
         weights=weights,
         gradients=2 * p / (gpus if zero_stage >= 2 else 1) if on_gpu else 0.0,
         optimizer=16 * p / gpus if on_gpu else 0.0,
-        activations=per_token * ctx_len * micro_batch_size,
+        activations=(per_token * tokens + states) * micro_batch_size,
         headroom=headroom_gb * GB,
         offload=offload,
         host=0.0 if on_gpu else (16 + (2 if offload == "params" else 0)) * p / gpus,
+        segment_len=segment_len if 0 < segment_len < ctx_len else 0,
     )
 
 
@@ -143,7 +154,7 @@ def candidates(cfg: DictConfig, model: RWKVConfig) -> list[Estimate]:
         else list(range(cfg.max_micro_batch, 0, -1))
     )
     return [
-        estimate(model, cfg.gpus, s, g, m, cfg.ctx_len, cfg.headroom_gb, o)
+        estimate(model, cfg.gpus, s, g, m, cfg.ctx_len, cfg.headroom_gb, o, cfg.segment_len)
         for s, o in pairs
         for g in ckpts
         for m in micros
@@ -182,12 +193,16 @@ def report(cfg: DictConfig) -> int:
         f"{model.num_params() / 1e9:.2f}B parameters, "
         f"{model.flops_per_token() / 1e9:.1f} GFLOP/token (fwd+bwd)"
     )
-    print(f"{cfg.gpus} GPUs x {cfg.gpu_mem_gb} GB, ctx_len {cfg.ctx_len}\n")
+    segments = f" in segments of {cfg.segment_len}" if 0 < cfg.segment_len < cfg.ctx_len else ""
+    print(f"{cfg.gpus} GPUs x {cfg.gpu_mem_gb} GB, ctx_len {cfg.ctx_len}{segments}\n")
     node = gpus_per_node(cfg)
     print("micro-batch 1, GB              weights  grads  optim  activ  headroom  total  host/node")
     for stage, offload in settings(None):
         for ckpt in (False, True):
-            e = estimate(model, cfg.gpus, stage, ckpt, 1, cfg.ctx_len, cfg.headroom_gb, offload)
+            e = estimate(
+                model, cfg.gpus, stage, ckpt, 1, cfg.ctx_len, cfg.headroom_gb, offload,
+                cfg.segment_len,
+            )  # fmt: skip
             where = {"none": "", "optimizer": " cpu:optim", "params": " cpu:optim+wts"}[offload]
             label = f"ZeRO-{stage}{where} ckpt={'on' if ckpt else 'off'}"
             print(
@@ -221,7 +236,7 @@ def report(cfg: DictConfig) -> int:
             f"\nREFUSED: the smallest allowed setting ({setting}) needs {e.total / GB:.1f} GB "
             f"per GPU > {cfg.gpu_mem_gb} GB; the largest term is {worst} "
             f"({terms[worst] / GB:.1f} GB). Use more GPUs, a higher ZeRO stage, CPU offload, "
-            "gradient checkpointing, a smaller micro-batch or a shorter ctx_len."
+            "gradient checkpointing, a smaller micro-batch, a shorter ctx_len or segment_len."
         )
         return 1
     best = fits[0]
@@ -233,6 +248,8 @@ def report(cfg: DictConfig) -> int:
         f"{host})"
     )
     slower = " (less with offload: the optimizer steps on the CPU)" if best.host else ""
+    if best.segment_len:  # each segment's forward runs twice: about 4/3 of the work
+        slower += " (about 3/4 of this with segments: each forward is recomputed)"
     print(
         f"throughput at MFU {cfg.mfu:.0%}{slower}: {tps / 1e3:.1f}K tokens/s per GPU, "
         f"{tps * cfg.gpus / 1e3:.1f}K tokens/s in all, "

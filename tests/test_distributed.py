@@ -553,3 +553,24 @@ def test_other_ranks_stop_when_rank_zero_cannot_convert(
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(RuntimeError, match=r"rank 0 could not convert .*no 'latest' file"):
         reshard.ensure_universal(ckpt, timeout_s=30)
+
+
+def test_zero3_segments_with_block_checkpoints_train_the_same_steps(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """trainer.segment_len under ZeRO-3 with gradient checkpointing inside each segment: the
+    partitioned weights are gathered for every segment's forward and recomputation, and
+    their gradients (summed over the segments) are reduced once per step. The losses are
+    the whole-sample ZeRO-3 run's."""
+    run_dir = tmp_path / "segments"
+    launch(
+        command(
+            runs["data"], run_dir, "deepspeed=zero3", "trainer.max_steps=4",
+            "checkpoint.every_n_steps=0", "trainer.segment_len=6", "model.grad_checkpoint=true",
+        ),
+        runs["root"],
+    )  # fmt: skip
+    got, want = history(run_dir), history(runs["zero3"])[:4]
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+    for (s, a), (_, b) in zip(got, want, strict=True):
+        assert abs(a - b) <= 1e-5, (s, a, b)

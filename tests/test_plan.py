@@ -26,6 +26,24 @@ def test_checkpointing_cuts_activations_and_scales_with_micro_batch() -> None:
     assert on2.activations == pytest.approx(2 * on.activations)
 
 
+def test_segments_bound_activations_by_the_segment_plus_states() -> None:
+    whole = estimate(FINCH_14B, 8, 2, False, 1, 4096, 0)
+    long = estimate(FINCH_14B, 8, 2, False, 1, 65536, 0, segment_len=4096)
+    c, n = FINCH_14B.n_embd, FINCH_14B.head_size
+    states = 16 * FINCH_14B.n_layer * (2 * c + c * n) * 4  # one state per segment, fp32
+    assert long.activations == pytest.approx(whole.activations + states)
+    assert long.segment_len == 4096 and "trainer.segment_len=4096" in long.overrides()
+    # a segment as long as the sample is no segmenting
+    assert estimate(FINCH_14B, 8, 2, False, 1, 4096, 0, segment_len=4096) == whole
+
+
+def test_plan_fits_a_long_context_only_in_segments(capsys: pytest.CaptureFixture) -> None:
+    args = ["model=finch_3b", "gpus=8", "gpu_mem_gb=80", "ctx_len=65536"]
+    assert main([*args, "zero_stage=2", "offload=false"]) == 1
+    assert main([*args, "zero_stage=2", "offload=false", "segment_len=4096"]) == 0
+    assert "trainer.segment_len=4096" in capsys.readouterr().out
+
+
 def test_plan_proposes_a_fitting_setting(capsys: pytest.CaptureFixture) -> None:
     assert main(["model=finch_14b", "gpus=64", "gpu_mem_gb=80"]) == 0
     out = capsys.readouterr().out

@@ -17,6 +17,8 @@ from train_utils import (
     write_data_folder,
 )
 
+from rwkv_train import lit_module
+from rwkv_train.bptt import segmented_loss
 from rwkv_train.checkpoint import find_latest, list_checkpoints
 from rwkv_train.config import OptimConfig
 from rwkv_train.export import export, load_weights
@@ -81,6 +83,22 @@ def test_accumulation_invariance(data: Path, tmp_path: Path) -> None:
     sa, sb = a.net.state_dict(), b.net.state_dict()
     worst = max((sa[k] - sb[k]).abs().max().item() for k in sa)
     assert worst < 1e-6
+
+
+def test_segment_len_trains_the_whole_samples_run(data: Path, tmp_path: Path) -> None:
+    """trainer.segment_len splits each 16-token sample into segments of 5, 5, 5 and 1 (with
+    L2Wrap on): the losses, validation loss and weights are those of whole samples."""
+    common = ("trainer.max_steps=3", "optim.l2wrap=1e-2", "checkpoint.every_n_steps=0")
+    a = run(data, tmp_path / "a", *common)
+    b = run(data, tmp_path / "b", "trainer.segment_len=5", *common)
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-6)
+    val = [
+        [r["val/loss"] for r in read_metrics(d / "metrics.jsonl") if "val/loss" in r]
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert val[0] and val[1] == pytest.approx(val[0], rel=1e-6)
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
 
 
 def test_checkpoints_keep_last_and_resume_auto(
@@ -203,14 +221,14 @@ def test_nonfinite_loss_stops_with_checkpoint(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    forward = RWKVLitModule.forward
 
-    def poisoned(self: RWKVLitModule, idx: torch.Tensor) -> torch.Tensor:
+    def poisoned(net, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         calls["n"] += 1
-        out = forward(self, idx)
-        return out * float("nan") if calls["n"] >= 4 and self.training else out
+        loss, ce = segmented_loss(net, *args, **kwargs)
+        nan = float("nan") if calls["n"] >= 4 and net.training else 1.0
+        return loss * nan, ce * nan
 
-    monkeypatch.setattr(RWKVLitModule, "forward", poisoned)
+    monkeypatch.setattr(lit_module, "segmented_loss", poisoned)
     rd = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="non-finite"):
         run(data, rd, "trainer.max_steps=20", "nonfinite.max_skips=2", "data.val_samples=0")
