@@ -11,6 +11,7 @@
 # antlr4-python3-runtime): put their wheels in .whl/ (gitignored; pure Python except
 # pydantic-core, for the image's Python 3.12) and carry it. The data is this repository's
 # Markdown, tokenised with the World tokenizer. About 3 minutes; TRAINER=cpu runs it here.
+# Last, 4 steps at ctx_len 4096 whole and with trainer.segment_len=512.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -64,4 +65,23 @@ print(f"{sys.argv[1].rsplit('/', 1)[1].split('.')[0]}: loss {first[1]['train/los
       f"steps {n // 2 + 1}-{n}; {tps[-1] / 1e3:.1f}K tokens/s at the end; {mem:.2f} GiB reserved")
 EOF
 done
+
+# Exact BPTT in segments (trainer.segment_len) on the CUDA kernel: 4 steps at ctx_len 4096,
+# whole and in 512-token segments; the losses must agree to bf16 rounding, the memory drop.
+for seg in 0 512; do
+    run="$WORK/segments$seg"
+    timeout 300 $PY -m rwkv_train.train model=finch_debug "trainer=$TRAINER" trainer.precision=bf16-mixed \
+        "data.path=$WORK/data" data.ctx_len=4096 data.micro_batch_size=2 data.global_batch_size=2 \
+        data.val_samples=0 trainer.max_steps=4 checkpoint.every_n_steps=0 "trainer.segment_len=$seg" \
+        logger=none trainer.progress_bar=false "run_dir=$run" >"$OUT/train_segments$seg.log" 2>&1
+    echo "segment_len=$seg: rc=$?"
+done
+$PY - "$WORK/segments0/metrics.jsonl" "$WORK/segments512/metrics.jsonl" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys
+a, b = ([r for r in map(json.loads, open(p)) if "train/loss" in r] for p in sys.argv[1:])
+diff = max(abs(x["train/loss"] - y["train/loss"]) for x, y in zip(a, b))
+mem = [max(r.get("mem/max_reserved_gib", 0) for r in rs) for rs in (a, b)]
+print(f"segments: losses {[round(r['train/loss'], 4) for r in b]}, max |diff| to whole "
+      f"{diff:.2e}; {mem[0]:.2f} GiB reserved whole, {mem[1]:.2f} GiB in segments")
+EOF
 exit 0
