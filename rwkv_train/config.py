@@ -40,8 +40,9 @@ class DataConfig:
     val_samples: int = 64
     """Chunks of the val shards evaluated at each validation (0 disables validation)."""
     record_sample_ids: bool = False
-    """Debugging: append the global sample indices each rank reads to
-    run_dir/sample_ids/rank{R}.txt (one micro-batch a line), to check rank disjointness."""
+    """Debugging: append the global sample indices each rank trains on to
+    run_dir/sample_ids/rank{R}.txt (one micro-batch a line, as training takes it), to check
+    rank disjointness."""
 
 
 @dataclass

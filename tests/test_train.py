@@ -101,6 +101,17 @@ def test_segment_len_trains_the_whole_samples_run(data: Path, tmp_path: Path) ->
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
 
 
+def test_recorded_sample_ids_are_the_trained_ones_with_workers(data: Path, tmp_path: Path) -> None:
+    """DataLoader workers draw micro-batches ahead; only those trained are recorded, the
+    same lines as without workers (4 steps x 2 micro-batches, ids 0-15)."""
+    common = ("trainer.max_steps=4", "data.micro_batch_size=1", "data.record_sample_ids=true")
+    run(data, tmp_path / "w0", *common)
+    run(data, tmp_path / "w2", "data.num_workers=2", *common)
+    lines = [(tmp_path / d / "sample_ids" / "rank0.txt").read_text() for d in ("w0", "w2")]
+    assert lines[1] == lines[0]
+    assert sorted(int(i) for i in lines[0].split()) == list(range(8))
+
+
 def test_checkpoints_keep_last_and_resume_auto(
     data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

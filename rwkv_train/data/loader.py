@@ -1,7 +1,9 @@
 """The LightningDataModule: DataLoaders over the train mixture and the val shards."""
 
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,20 +15,31 @@ from rwkv_train.data.sampler import StepBatchSampler
 
 
 class RecordingSampler(Sampler[list[int]]):
-    """Passes a batch sampler's micro-batches through and appends each to a text file (one
-    line of global indices per micro-batch): `data.record_sample_ids`, a debugging aid that
-    shows which samples every rank read."""
+    """Passes a batch sampler's micro-batches through and, as training takes each one,
+    appends it to a text file (one line of global indices per micro-batch):
+    `data.record_sample_ids`, a debugging aid that shows which samples every rank trained on.
+
+    DataLoader workers (and Lightning's fetcher) draw micro-batches ahead of training, so
+    the drawn batches wait in a queue until `record_next()`, which the DataModule calls as
+    the training loop takes a batch; a run that stops leaves the prefetched ones out.
+    """
 
     def __init__(self, inner: Sampler[list[int]], path: Path) -> None:
         self.inner = inner
         self.path = path
+        self.pending: deque[list[int]] = deque()
 
     def __iter__(self) -> Iterator[list[int]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.pending.clear()  # a new pass (an epoch, a restart) draws from scratch
         for batch in self.inner:
-            with self.path.open("a") as f:
-                f.write(" ".join(map(str, batch)) + "\n")
+            self.pending.append(batch)
             yield batch
+
+    def record_next(self) -> None:
+        """Write the oldest drawn micro-batch: the one training takes now."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(" ".join(map(str, self.pending.popleft())) + "\n")
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -59,6 +72,7 @@ class TokenDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_samples = val_samples
         self.sample_ids_dir = sample_ids_dir
+        self.recorder: RecordingSampler | None = None
         self.train_set = ChunkDataset(
             [TokenStream(m.train) for m in manifests], weights, ctx_len, seed
         )
@@ -90,8 +104,16 @@ class TokenDataModule(L.LightningDataModule):
         sampler: Sampler[list[int]] = self.train_sampler()
         if self.sample_ids_dir is not None:
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            sampler = RecordingSampler(sampler, self.sample_ids_dir / f"rank{rank}.txt")
+            sampler = self.recorder = RecordingSampler(
+                sampler, self.sample_ids_dir / f"rank{rank}.txt"
+            )
         return DataLoader(self.train_set, batch_sampler=sampler, **self._loader_kwargs())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning calls this as its loop takes a batch, after any prefetching."""
+        if self.recorder is not None and self.trainer is not None and self.trainer.training:
+            self.recorder.record_next()
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
