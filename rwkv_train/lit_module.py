@@ -28,7 +28,13 @@ from rwkv_train.bptt import segmented_loss
 from rwkv_train.config import TrainConfig
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
-from rwkv_train.optim import LRSchedule, adopt_loaded_state, build_optimizer
+from rwkv_train.optim import (
+    LRSchedule,
+    adopt_loaded_state,
+    apply_group_settings,
+    build_optimizer,
+    param_groups,
+)
 from rwkv_train.reshard import INFO_KEY as UNIVERSAL_INFO_KEY
 
 log = logging.getLogger(__name__)
@@ -309,6 +315,8 @@ class RWKVLitModule(L.LightningModule):
             self._rng_to_restore = None
         if self._optimizer is not None:  # after a resume: saved by AdamW or by CPU Adam
             adopt_loaded_state(self._optimizer)
+            lrs = self.lr_schedulers().get_last_lr()
+            apply_group_settings(self._optimizer, param_groups(self.net, self.cfg.optim), lrs)
         self._micro = 0
         self._loss_sum = 0.0
 

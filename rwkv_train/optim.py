@@ -93,6 +93,30 @@ def adopt_loaded_state(optimizer: torch.optim.Optimizer) -> None:
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
+def apply_group_settings(
+    optimizer: torch.optim.Optimizer, groups: list[dict], lrs: list[float]
+) -> None:
+    """Set each parameter group's hyperparameters from this run's config after a resume.
+
+    A restored optimizer keeps the groups' settings from the checkpoint, and DeepSpeed's
+    ZeRO-3 universal loader (a resume on another rank count) gives every group those of
+    group 0: the lr multiplier, and weight decay, which group 0 (the 1x, no-decay group)
+    turns off for the matrices for the rest of the run. `groups` are `param_groups()` of the
+    net (same order), `lrs` the LR scheduler's restored current rates.
+    """
+    if len(optimizer.param_groups) != len(groups) or len(lrs) != len(groups):
+        raise RuntimeError(
+            f"the optimizer has {len(optimizer.param_groups)} parameter groups, the config "
+            f"{len(groups)} and the LR scheduler {len(lrs)}"
+        )
+    for group, fresh, lr in zip(optimizer.param_groups, groups, lrs, strict=True):
+        group["lr"] = lr
+        group["lr_mult"] = fresh["lr_mult"]
+        group["weight_decay"] = fresh["weight_decay"]
+        group["betas"] = optimizer.defaults["betas"]
+        group["eps"] = optimizer.defaults["eps"]
+
+
 @dataclass
 class LRSchedule:
     """lr(step) / lr_init: linear warmup from `warmup_start`, then decay over tokens.

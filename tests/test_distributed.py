@@ -78,6 +78,20 @@ def history(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
 
 
+def saved_group_settings(ckpt: Path) -> list[float]:
+    """lr, lr_mult, weight_decay of each optimizer group in rank 0's ZeRO partition file."""
+    (path,) = ckpt.rglob("*zero_pp_rank_0_*optim_states.pt")
+    found = []
+
+    def walk(d: object) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                found.extend(v) if k == "param_groups" else walk(v)
+
+    walk(torch.load(path, map_location="cpu", weights_only=False))
+    return [g[k] for g in found for k in ("lr", "lr_mult", "weight_decay")]
+
+
 def drop_checkpoint(run_dir: Path, step: int) -> None:
     """Delete the checkpoint of `step` (folder and record), so a rerun resumes before it."""
     path = run_dir / "checkpoints" / f"step{step:08d}"
@@ -344,7 +358,8 @@ def test_resume_on_one_rank_from_two_rank_zero_checkpoint(
 ) -> None:
     """A ZeRO checkpoint of 2 ranks continues on 1 (same global batch, accumulating 2): the
     trainer builds its universal form once and the run goes on with the optimizer state,
-    matching the uninterrupted 2-rank run (fp32, up to reduction order)."""
+    matching the uninterrupted 2-rank run (fp32, up to reduction order). Each parameter
+    group keeps its own settings (DeepSpeed's ZeRO-3 loader gives all of them group 0's)."""
     source = runs[f"zero{stage}"]
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -369,6 +384,10 @@ def test_resume_on_one_rank_from_two_rank_zero_checkpoint(
     final = find_latest(run_dir / "checkpoints")
     assert final is not None and final.name == f"step{max_steps:08d}.ckpt"
     assert check_resumable(final, 1, stage) is False  # written by this 1-rank run
+    ours = saved_group_settings(final)
+    theirs = saved_group_settings(source / "checkpoints" / f"step{max_steps:08d}.ckpt")
+    assert ours[1::3] == [1.0, 2.0]  # lr_mult: the time_decay group at 2x
+    assert ours == pytest.approx(theirs)
 
 
 def test_resume_on_one_rank_from_an_odd_step_keeps_the_step_boundaries(
