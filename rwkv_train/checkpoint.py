@@ -14,9 +14,9 @@ partition ([bf16_]zero_pp_rank_{R}_*_optim_states.pt, and under stage 3 its para
 temporary folder, all ranks meet at a barrier, and only then does rank 0 rename the folder
 and write the record (which also holds the world size). A folder is valid when its record
 exists, its size matches and one optimizer partition per rank is present. Partitions only
-fit the world size they were written with: resuming with another number of ranks goes
-through the universal form of the checkpoint (rwkv_train/reshard.py). A change between
-stage 3 and stages 1-2 is refused with a message.
+fit the world size and ZeRO stage they were written with: resuming with another number of
+ranks, or between stage 3 and stages 1-2, goes through the universal form of the checkpoint
+(rwkv_train/reshard.py). A change between DeepSpeed and plain DDP is refused with a message.
 """
 
 import json
@@ -98,8 +98,8 @@ def find_latest(folder: Path) -> Path | None:
 
 def check_resumable(path: Path, world_size: int, zero_stage: int) -> bool:
     """Refuse, with what to do instead, a checkpoint this run's strategy cannot continue;
-    True when it is a ZeRO checkpoint of another rank count (to be resharded). Between
-    stage 3 and stages 1-2 DeepSpeed's universal form does not carry the optimizer state."""
+    True when it is a ZeRO checkpoint of another rank count, or of stage 3 for stages 1-2
+    or the reverse (to be loaded through its universal form)."""
     sharded = Path(path).is_dir()
     if sharded and zero_stage == 0:
         raise ValueError(
@@ -118,12 +118,7 @@ def check_resumable(path: Path, world_size: int, zero_stage: int) -> bool:
     # stage 3 partitions the weights too (a model-states file per rank); 1 and 2 share a layout
     saved_stage3 = any(p.name.startswith("zero_pp_rank_") for p in path.rglob("*model_states.pt"))
     if saved_stage3 != (zero_stage == 3):
-        saved = "stage 3" if saved_stage3 else "stage 1 or 2"
-        raise ValueError(
-            f"{path} was written under ZeRO {saved} but this run uses stage {zero_stage}: "
-            "resume with the stage it was written with, or export it (python -m "
-            "rwkv_train.export) and start a new run from the .pth with model.init_from"
-        )
+        return True
     return _record(Path(path)).get("world_size", 1) != world_size
 
 

@@ -77,12 +77,14 @@ def adopt_loaded_state(optimizer: torch.optim.Optimizer) -> None:
     torch's AdamW saved can reach DeepSpeed's CPU Adam and the reverse: their Adam moments are
     the same, but CPU Adam wants an int step and a `bias_correction` group key, AdamW a
     tensor step and its own group keys. A state already in this optimizer's form is left as
-    it is (an unchanged resume stays bit for bit).
+    it is (an unchanged resume stays bit for bit), except that a step tensor shared by
+    several parameters is given to each its own.
     """
     cpu_adam = type(optimizer).__name__ == "DeepSpeedCPUAdam"
     for group in optimizer.param_groups:
         for key, value in optimizer.defaults.items():
             group.setdefault(key, value)
+    seen: set[int] = set()
     for state in optimizer.state.values():
         step = state.get("step")
         if step is None:
@@ -91,6 +93,11 @@ def adopt_loaded_state(optimizer: torch.optim.Optimizer) -> None:
             state["step"] = int(step.item())
         elif not cpu_adam and not torch.is_tensor(step):
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        elif torch.is_tensor(step) and id(step) in seen:
+            # DeepSpeed's ZeRO-3 universal loader gives every group one shared step tensor,
+            # which AdamW then advances once per group per step
+            state["step"] = step.clone()
+        seen.add(id(state["step"]))
 
 
 def apply_group_settings(
@@ -99,7 +106,7 @@ def apply_group_settings(
     """Set each parameter group's hyperparameters from this run's config after a resume.
 
     A restored optimizer keeps the groups' settings from the checkpoint, and DeepSpeed's
-    ZeRO-3 universal loader (a resume on another rank count) gives every group those of
+    ZeRO-3 universal loader (a resume on another rank count or stage) gives every group those of
     group 0: the lr multiplier, and weight decay, which group 0 (the 1x, no-decay group)
     turns off for the matrices for the rest of the run. `groups` are `param_groups()` of the
     net (same order), `lrs` the LR scheduler's restored current rates.

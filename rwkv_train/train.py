@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
     reshard = ckpt is not None and check_resumable(ckpt, plan.world_size, tc.deepspeed.stage)
     if reshard:
         load_path = ensure_universal(ckpt)
-        log.info("%s was written by another rank count: loading %s", ckpt, load_path)
+        log.info("%s was written by another rank count or ZeRO stage: loading %s", ckpt, load_path)
     loggers = make_loggers(plan, run_dir)
     if ckpt is not None:
         log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
