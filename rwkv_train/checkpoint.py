@@ -16,7 +16,8 @@ and write the record (which also holds the world size). A folder is valid when i
 exists, its size matches and one optimizer partition per rank is present. Partitions only
 fit the world size and ZeRO stage they were written with: resuming with another number of
 ranks, or between stage 3 and stages 1-2, goes through the universal form of the checkpoint
-(rwkv_train/reshard.py). A change between DeepSpeed and plain DDP is refused with a message.
+(rwkv_train/reshard.py); between DeepSpeed and plain DDP, through the universal form or a
+single file made from it.
 """
 
 import json
@@ -96,30 +97,21 @@ def find_latest(folder: Path) -> Path | None:
     return None
 
 
-def check_resumable(path: Path, world_size: int, zero_stage: int) -> bool:
-    """Refuse, with what to do instead, a checkpoint this run's strategy cannot continue;
-    True when it is a ZeRO checkpoint of another rank count, or of stage 3 for stages 1-2
-    or the reverse (to be loaded through its universal form)."""
+def resume_form(path: Path, world_size: int, zero_stage: int) -> str | None:
+    """How this run loads checkpoint `path`: None as it is; "universal" (its universal form,
+    rwkv_train/reshard.py) for ZeRO when it was written by another rank count, under stage 3
+    for stages 1-2 or the reverse, or without ZeRO; "single" (a single file) for a run
+    without ZeRO (deepspeed=none) continuing a ZeRO checkpoint."""
     sharded = Path(path).is_dir()
     if sharded and zero_stage == 0:
-        raise ValueError(
-            f"{path} is a DeepSpeed ZeRO checkpoint but this run has deepspeed=none: resume with "
-            "the deepspeed config it was written with, or export it (python -m "
-            "rwkv_train.export) and start from the .pth with model.init_from"
-        )
-    if not sharded and zero_stage > 0:
-        raise ValueError(
-            f"{path} is a single-file checkpoint but this run uses ZeRO stage {zero_stage}: "
-            "resume with the strategy it was written with (deepspeed=none), or start a new run "
-            "from its exported weights with model.init_from"
-        )
+        return "single"
     if not sharded:
-        return False
+        return "universal" if zero_stage > 0 else None
     # stage 3 partitions the weights too (a model-states file per rank); 1 and 2 share a layout
     saved_stage3 = any(p.name.startswith("zero_pp_rank_") for p in path.rglob("*model_states.pt"))
-    if saved_stage3 != (zero_stage == 3):
-        return True
-    return _record(Path(path)).get("world_size", 1) != world_size
+    if saved_stage3 != (zero_stage == 3) or _record(Path(path)).get("world_size", 1) != world_size:
+        return "universal"
+    return None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -136,9 +128,10 @@ def _remove(path: Path) -> None:
     else:
         path.unlink(missing_ok=True)
     path.with_suffix(".json").unlink(missing_ok=True)
-    from rwkv_train.reshard import failed_path, universal_path  # its derived copies
+    from rwkv_train.reshard import failed_path, single_path, universal_path  # derived copies
 
     shutil.rmtree(universal_path(path), ignore_errors=True)
+    single_path(path).unlink(missing_ok=True)
     failed_path(path).unlink(missing_ok=True)
 
 

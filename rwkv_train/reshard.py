@@ -1,4 +1,4 @@
-"""Resuming a ZeRO checkpoint on a different number of ranks, or under another ZeRO stage.
+"""Resuming a checkpoint on a different number of ranks, or under another `deepspeed=` setting.
 
 ZeRO partitions the optimizer state (and under stage 3 the weights) by rank, so a checkpoint
 written by 16 ranks does not load on 8: a job requeued onto fewer nodes, or moved to a
@@ -17,20 +17,29 @@ it ahead of time, e.g. on a login node before resubmitting on another allocation
 conversion is `deepspeed.checkpoint.ds_to_universal`, run on hard links of the checkpoint's
 files, written under a temporary name and renamed when complete. The data position, RNG and
 loop counters travel in the model-states file and do not depend on the rank count.
+
+Plain DDP (deepspeed=none) saves one file with AdamW's states numbered by position. Continued
+under ZeRO it gets a universal form written here (`universal_from_single`); a ZeRO checkpoint
+continued under DDP gets a single file made from its universal form (`single_from_zero`,
+run_dir/checkpoints/step00001000.ckpt.single).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +50,28 @@ SUFFIX = ".universal"
 INFO_KEY = "universal_checkpoint_info"
 # Written last into a universal form that loads under every ZeRO stage (`_stage_neutral`).
 NEUTRAL = "stage_neutral"
+# The model-states file ZeRO-3 reads from a universal form (stages 1-2: mp_rank_00_...).
+STAGE3_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+# DeepSpeed's own entries of a model-states file; the rest is Lightning's checkpoint dict.
+_DS_KEYS = (
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
+    "shared_params", "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd",
+    "sparse_tensor_module_names", "skipped_steps", "global_steps", "global_samples",
+    "dp_world_size", "mp_world_size", "ds_config", "ds_version",
+    "checkpoint_parallel_dimensions", INFO_KEY,
+)  # fmt: skip
 
 
 def universal_path(ckpt: Path) -> Path:
     """Where the universal form of checkpoint `ckpt` lives."""
     return ckpt.with_name(ckpt.name + SUFFIX)
+
+
+def single_path(ckpt: Path) -> Path:
+    """Where the single-file (deepspeed=none) form of ZeRO checkpoint `ckpt` lives."""
+    return ckpt.with_name(ckpt.name + ".single")
 
 
 def failed_path(ckpt: Path) -> Path:
@@ -85,7 +111,7 @@ def _stage_neutral(tag_dir: Path) -> None:
     model-states file in a universal load, only the client state does).
     """
     plain = tag_dir / "mp_rank_00_model_states.pt"
-    stage3 = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    stage3 = tag_dir / STAGE3_STATES
     if not plain.exists():
         _link_or_copy(stage3, plain)
     if not stage3.exists():
@@ -116,6 +142,13 @@ def _stage_neutral(tag_dir: Path) -> None:
             "param_groups": optim["param_groups"],
         }
         torch.save(optim, zero / "optimizer_state.pt")
+
+
+def _finish(tmp: Path, out: Path) -> Path:
+    """Put a finished conversion folder in place, replacing whatever was there."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 def make_universal(ckpt: Path, workers: int = 4) -> Path:
@@ -155,10 +188,120 @@ def make_universal(ckpt: Path, workers: int = 4) -> Path:
     (tmp / "output" / "latest_universal").write_text(tag)
     (tmp / "output" / NEUTRAL).write_text("")
     shutil.rmtree(tmp / "input")
-    shutil.rmtree(out, ignore_errors=True)  # an incomplete or pre-stage-neutral form
-    os.replace(tmp / "output", out)
+    _finish(tmp / "output", out)  # replaces an incomplete or pre-stage-neutral form
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("universal checkpoint %s ready in %.1f s", out, time.perf_counter() - t0)
+    return out
+
+
+def _meta_net(model_config: dict[str, Any]) -> nn.Module:
+    """The model a checkpoint was written for, on the meta device (names and shapes only)."""
+    from rwkv_train.model import RWKV, RWKVConfig
+
+    with torch.device("meta"):
+        return RWKV(RWKVConfig.from_dict(model_config))
+
+
+def universal_from_single(ckpt: Path, optim_cfg: Any) -> Path:
+    """The universal form of single-file checkpoint `ckpt` (deepspeed=none), for a run that
+    continues it under ZeRO.
+
+    torch's AdamW numbers its states by position across the parameter groups; the names
+    come from rebuilding the groups with optim.lr_mult and optim.no_decay (and the saved
+    weight decay), checked against the saved groups' sizes and every state's shape.
+    """
+    import deepspeed
+
+    from rwkv_train.optim import param_groups
+
+    out = universal_path(ckpt)
+    if is_complete(out):
+        return out
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)
+    weights, saved = sd.pop("state_dict"), sd.pop("optimizer_states")[0]
+    net = _meta_net(sd["rwkv_train"]["model_config"])
+    saved_groups = saved["param_groups"]
+    decay = max(g["weight_decay"] for g in saved_groups)
+    groups = param_groups(net, dataclasses.replace(optim_cfg, weight_decay=decay))
+    ours = [(g["lr_mult"], g["weight_decay"], len(g["params"])) for g in groups]
+    theirs = [(g.get("lr_mult"), g["weight_decay"], len(g["params"])) for g in saved_groups]
+    if ours != theirs:
+        raise ValueError(
+            f"{ckpt}: its optimizer groups (lr_mult, weight_decay, size) {theirs} are not the "
+            f"ones optim.lr_mult and optim.no_decay give, {ours}: resume with the settings it "
+            "was written with"
+        )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tag_dir = tmp / "checkpoint"
+    (tag_dir / "zero").mkdir(parents=True)
+    step = None
+    for group, saved_group in zip(groups, saved_groups, strict=True):
+        for name, index in zip(group["names"], saved_group["params"], strict=True):
+            state, value = saved["state"][index], weights[f"net.{name}"]
+            if state["exp_avg"].shape != value.shape:
+                raise ValueError(f"{ckpt}: the optimizer state of {name} does not fit it")
+            folder = tag_dir / "zero" / f"net.{name}"
+            folder.mkdir()
+            for key, t in (("fp32", value), *((k, state[k]) for k in ("exp_avg", "exp_avg_sq"))):
+                torch.save({"param": t.float(), "cat_dim": 0}, folder / f"{key}.pt")
+            step = torch.as_tensor(state["step"], dtype=torch.float32)
+            torch.save(step, folder / "step.pt")
+    optim = {
+        "ds_version": deepspeed.__version__,
+        "param_groups": saved_groups,
+        "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": saved_groups},
+    }
+    torch.save(optim, tag_dir / "zero" / "optimizer_state.pt")
+    client = {**sd, "module": {}, "dp_world_size": 1, "mp_world_size": 1, "skipped_steps": 0}
+    client.update(global_steps=sd["global_step"], ds_version=deepspeed.__version__)
+    client[INFO_KEY] = {}
+    torch.save(client, tag_dir / "mp_rank_00_model_states.pt")
+    _link_or_copy(tag_dir / "mp_rank_00_model_states.pt", tag_dir / STAGE3_STATES)
+    (tmp / "latest_universal").write_text("checkpoint")
+    (tmp / NEUTRAL).write_text("")
+    log.info("built the universal form of %s for ZeRO", ckpt)
+    return _finish(tmp, out)
+
+
+def single_from_zero(ckpt: Path, optim_cfg: Any) -> Path:
+    """A single-file checkpoint (deepspeed=none) of ZeRO checkpoint folder `ckpt`, made from
+    its universal form: the weights in fp32, AdamW's states numbered in the order of this
+    run's parameter groups, and Lightning's state as it was saved."""
+    from rwkv_train.optim import param_groups
+
+    out = single_path(ckpt)
+    if out.is_file():
+        return out
+    universal = make_universal(ckpt)
+    tag_dir = universal / (universal / "latest_universal").read_text().strip()
+    client = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    net = _meta_net(client["rwkv_train"]["model_config"])
+    groups = param_groups(net, optim_cfg)
+    names = [name for g in groups for name in g.pop("names")]
+    optimizer = torch.optim.AdamW(groups, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    weights, state = {}, {}
+    for index, name in enumerate(names):
+        folder = tag_dir / "zero" / f"net.{name}"
+
+        def load(key: str, folder: Path = folder) -> torch.Tensor:
+            return torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
+
+        weights[f"net.{name}"] = load("fp32")["param"]
+        state[index] = {
+            "step": torch.as_tensor(load("step"), dtype=torch.float32),
+            "exp_avg": load("exp_avg")["param"],
+            "exp_avg_sq": load("exp_avg_sq")["param"],
+        }
+    single = {k: v for k, v in client.items() if k not in _DS_KEYS}
+    single["state_dict"] = weights
+    single["optimizer_states"] = [
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    ]
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(single, tmp)
+    os.replace(tmp, out)
+    log.info("built the single-file form of %s for deepspeed=none", ckpt)
     return out
 
 
@@ -175,20 +318,34 @@ def is_rank_zero() -> bool:
     )
 
 
-def ensure_universal(ckpt: Path, timeout_s: float = 3600.0) -> Path:
-    """The universal form of `ckpt`: rank 0 builds it, every other rank waits for it (and
-    stops too if rank 0's conversion fails: rank 0 leaves the error in <out>.failed)."""
-    out = universal_path(ckpt)
+def ensure_loadable(
+    ckpt: Path, form: str, optim_cfg: Any = None, timeout_s: float = 3600.0
+) -> Path:
+    """The `form` ("universal" or "single") of `ckpt` for this run to load: rank 0 builds it,
+    every other rank waits for it (and stops too if rank 0's conversion fails: rank 0 leaves
+    the error in <ckpt>.universal.failed)."""
+    build: Callable[[], Path]
+    if form == "single":
+        out = single_path(ckpt)
+        build = lambda: single_from_zero(ckpt, optim_cfg)  # noqa: E731
+        done = out.is_file
+    else:
+        out = universal_path(ckpt)
+        if ckpt.is_dir():
+            build = lambda: make_universal(ckpt)  # noqa: E731
+        else:
+            build = lambda: universal_from_single(ckpt, optim_cfg)  # noqa: E731
+        done = lambda: is_complete(out)  # noqa: E731
     failed = failed_path(ckpt)
     if is_rank_zero():
         failed.unlink(missing_ok=True)
         try:
-            return make_universal(ckpt)
+            return build()
         except Exception as exc:
             failed.write_text(str(exc))
             raise
     deadline = time.monotonic() + timeout_s
-    while not is_complete(out):
+    while not done():
         if failed.is_file():
             raise RuntimeError(f"rank 0 could not convert {ckpt}: {failed.read_text()[-2000:]}")
         if time.monotonic() > deadline:

@@ -22,14 +22,14 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rwkv_train.checkpoint import CheckpointManager, check_resumable, checkpoint_step, find_latest
+from rwkv_train.checkpoint import CheckpointManager, checkpoint_step, find_latest, resume_form
 from rwkv_train.config import Plan, TrainConfig, validate
 from rwkv_train.data.loader import TokenDataModule
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
 from rwkv_train.preempt import Preempted, PreemptionCallback, slurm_plugins
-from rwkv_train.reshard import ensure_universal
+from rwkv_train.reshard import ensure_loadable
 from rwkv_train.samples import SampleLogger
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,10 @@ def train(cfg: DictConfig) -> RWKVLitModule:
     )
     ckpt = resume_from(plan, run_dir)
     load_path = ckpt
-    reshard = ckpt is not None and check_resumable(ckpt, plan.world_size, tc.deepspeed.stage)
-    if reshard:
-        load_path = ensure_universal(ckpt)
-        log.info("%s was written by another rank count or ZeRO stage: loading %s", ckpt, load_path)
+    form = None if ckpt is None else resume_form(ckpt, plan.world_size, tc.deepspeed.stage)
+    if form is not None:
+        load_path = ensure_loadable(ckpt, form, tc.optim)
+        log.info("%s was written by another rank count or strategy: loading %s", ckpt, load_path)
     loggers = make_loggers(plan, run_dir)
     if ckpt is not None:
         log.info("resuming from %s (step %d)", ckpt, checkpoint_step(ckpt))
@@ -159,7 +159,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=make_strategy(tc, load_universal=reshard),
+        strategy=make_strategy(tc, load_universal=form == "universal"),
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=-1,

@@ -19,9 +19,11 @@ import torch
 import torch.multiprocessing as mp
 from train_utils import assert_matches_rwkv_package, tiny_data, train_overrides
 
-from rwkv_train.checkpoint import check_resumable, find_latest, list_checkpoints
+from rwkv_train.checkpoint import find_latest, list_checkpoints, resume_form
+from rwkv_train.config import OptimConfig
 from rwkv_train.export import export, load_checkpoint_weights
 from rwkv_train.metrics import read_metrics
+from rwkv_train.reshard import universal_from_single, universal_path
 from rwkv_train.train import compose_config, train
 
 pytestmark = pytest.mark.slow
@@ -101,7 +103,8 @@ def saved_optimizer(ckpt: Path) -> tuple[list[float], list[float]]:
 def drop_checkpoint(run_dir: Path, step: int) -> None:
     """Delete the checkpoint of `step` (folder and record), so a rerun resumes before it."""
     path = run_dir / "checkpoints" / f"step{step:08d}"
-    shutil.rmtree(path.with_suffix(".ckpt"))
+    ckpt = path.with_suffix(".ckpt")
+    shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink()
     path.with_suffix(".json").unlink()
 
 
@@ -234,15 +237,14 @@ def test_partial_zero_checkpoint_skipped_and_world_size_change_detected(
     shutil.copytree(src, folder)
     newest = find_latest(folder)
     assert newest is not None and newest.name == f"step{STEPS:08d}.ckpt"
-    assert check_resumable(newest, 2, 3) is False
-    assert check_resumable(newest, 1, 3) is True  # another rank count: to be resharded
-    assert check_resumable(newest, 2, 2) is True  # another stage: through the universal form
+    assert resume_form(newest, 2, 3) is None
+    assert resume_form(newest, 1, 3) == "universal"  # another rank count: to be resharded
+    assert resume_form(newest, 2, 2) == "universal"  # another stage
     zero2 = find_latest(runs["zero2"] / "checkpoints")
     assert zero2 is not None
-    assert check_resumable(zero2, 2, 3) is True
-    assert check_resumable(zero2, 2, 1) is False  # stages 1 and 2 share a layout
-    with pytest.raises(ValueError, match="deepspeed=none"):
-        check_resumable(newest, 2, 0)
+    assert resume_form(zero2, 2, 3) == "universal"
+    assert resume_form(zero2, 2, 1) is None  # stages 1 and 2 share a layout
+    assert resume_form(newest, 2, 0) == "single"  # deepspeed=none
     next(newest.rglob("zero_pp_rank_1_*optim_states.pt")).unlink()  # rank 1 never finished
     assert find_latest(folder) == folder / f"step{2 * EVERY:08d}.ckpt"
 
@@ -382,7 +384,7 @@ def test_resume_on_one_rank_from_two_rank_zero_checkpoint(
         f"deepspeed=zero{stage}", f"trainer.max_steps={max_steps}", "checkpoint.every_n_steps=100",
     )  # fmt: skip
     done = launch([sys.executable, "-m", "rwkv_train.train", *overrides], runs["root"])
-    assert "was written by another rank count or ZeRO stage" in done.stdout + done.stderr
+    assert "was written by another rank count or strategy" in done.stdout + done.stderr
     assert (run_dir / "checkpoints" / f"{name}.ckpt.universal" / "latest_universal").is_file()
     want = [(s, loss) for s, loss in history(source) if s > step]
     got = history(run_dir)
@@ -391,7 +393,7 @@ def test_resume_on_one_rank_from_two_rank_zero_checkpoint(
         assert abs(a - b) <= 1e-5, (s, a, b)
     final = find_latest(run_dir / "checkpoints")
     assert final is not None and final.name == f"step{max_steps:08d}.ckpt"
-    assert check_resumable(final, 1, stage) is False  # written by this 1-rank run
+    assert resume_form(final, 1, stage) is None  # written by this 1-rank run
     groups, steps = saved_optimizer(final)
     assert groups[1::3] == [1.0, 2.0]  # lr_mult: the time_decay group at 2x
     assert groups == pytest.approx(saved_optimizer(source / "checkpoints" / final.name)[0])
@@ -576,10 +578,10 @@ def test_other_ranks_stop_when_rank_zero_cannot_convert(
     ckpt.mkdir()  # no `latest`: not a DeepSpeed checkpoint, so rank 0's conversion fails
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="no 'latest' file"):
-        reshard.ensure_universal(ckpt)
+        reshard.ensure_loadable(ckpt, "universal")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(RuntimeError, match=r"rank 0 could not convert .*no 'latest' file"):
-        reshard.ensure_universal(ckpt, timeout_s=30)
+        reshard.ensure_loadable(ckpt, "universal", timeout_s=30)
 
 
 def test_zero3_segments_with_block_checkpoints_train_the_same_steps(
@@ -601,3 +603,58 @@ def test_zero3_segments_with_block_checkpoints_train_the_same_steps(
     assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
     for (s, a), (_, b) in zip(got, want, strict=True):
         assert abs(a - b) <= 1e-5, (s, a, b)
+
+
+def test_ddp_checkpoint_continues_under_zero3_with_its_optimizer_state(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A single-file checkpoint (deepspeed=none, one process) resumed under ZeRO-3 on two
+    ranks goes through a universal form built from it: AdamW's numbered states get their
+    names from the rebuilt parameter groups (three, with weight decay on). Steps 3-4 repeat
+    the uninterrupted run's losses and Adam's step count carries on."""
+    run_dir = tmp_path / "ddp"
+    extra = ("optim.weight_decay=0.1", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    overrides = train_overrides(runs["data"], run_dir, *SAME, *extra)
+    train(compose_config(overrides))
+    want = history(run_dir)
+    drop_checkpoint(run_dir, 4)
+    done = launch(command(runs["data"], run_dir, *extra, "deepspeed=zero3"), runs["root"])
+    log = done.stdout + done.stderr
+    assert "was written by another rank count or strategy" in log and "(step 2)" in log
+    got = history(run_dir)
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+    for (s, a), (_, b) in zip(got[2:], want[2:], strict=True):
+        assert abs(a - b) <= 1e-5, (s, a, b)
+    groups, steps = saved_optimizer(run_dir / "checkpoints" / "step00000004.ckpt")
+    assert groups[2::3] == [0.0, 0.1, 0.0]  # weight decay on the matrices' group only
+    assert steps and set(steps) == {4}
+    # groups that cannot be matched to the saved ones (optim.lr_mult changed) are refused
+    ckpt = run_dir / "checkpoints" / "step00000002.ckpt"
+    shutil.rmtree(universal_path(ckpt))
+    with pytest.raises(ValueError, match="resume with the settings it was written with"):
+        universal_from_single(ckpt, OptimConfig(lr_mult={}))
+
+
+def test_zero3_checkpoint_continues_without_deepspeed(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """deepspeed=none resuming a two-rank ZeRO-3 checkpoint loads a single file built from
+    its universal form: weights, AdamW states in this run's group order, Lightning's loops.
+    Steps 7-8 repeat the ZeRO-3 run's losses."""
+    run_dir = tmp_path / "none"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    name = f"step{2 * EVERY:08d}"
+    source = runs["zero3"] / "checkpoints"
+    shutil.copytree(source / f"{name}.ckpt", run_dir / "checkpoints" / f"{name}.ckpt")
+    shutil.copy(source / f"{name}.json", run_dir / "checkpoints")
+    overrides = train_overrides(
+        runs["data"], run_dir, *SAME, f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=100"
+    )
+    module = train(compose_config(overrides))
+    assert (run_dir / "checkpoints" / f"{name}.ckpt.single").is_file()
+    got, want = history(run_dir), [(s, v) for s, v in history(runs["zero3"]) if s > 2 * EVERY]
+    assert [s for s, _ in got] == [s for s, _ in want] == [7, 8]
+    for (s, a), (_, b) in zip(got, want, strict=True):
+        assert abs(a - b) <= 1e-5, (s, a, b)
+    steps = {float(st["step"]) for st in module._optimizer.state.values()}
+    assert steps == {float(STEPS)}
