@@ -407,12 +407,20 @@ class RWKVLitModule(L.LightningModule):
         self._log_metrics({"val/loss": loss, "val/ppl": ppl}, self.trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint state
+    def _group_layout(self) -> list[list[Any]]:
+        """The optimizer's parameter groups as (lr_mult, decayed, size): a resume needs the
+        same, since optimizer states are matched to parameters by position."""
+        assert self.net is not None
+        groups = param_groups(self.net, self.cfg.optim)
+        return [[g["lr_mult"], g["weight_decay"] > 0, len(g["params"])] for g in groups]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rwkv_train"] = {
             "rng": rng_state(),
             "consumed_samples": self.trainer.global_step * self.cfg.data.global_batch_size,
             "nonfinite_count": self.nonfinite_count,
             "model_config": architecture(self.model_cfg),
+            "param_groups": self._group_layout(),
         }
         checkpoint[UNIVERSAL_INFO_KEY] = {}  # lets a ZeRO checkpoint be resharded (reshard.py)
 
@@ -429,6 +437,14 @@ class RWKVLitModule(L.LightningModule):
                 f"checkpoint consumed {extra['consumed_samples']} samples but step "
                 f"{checkpoint['global_step']} x data.global_batch_size gives {expected}: "
                 "data.global_batch_size changed since it was saved"
+            )
+        saved_groups = extra.get("param_groups")  # absent from checkpoints of older versions
+        if saved_groups is not None and saved_groups != self._group_layout():
+            raise ValueError(
+                f"the checkpoint's optimizer groups (lr_mult, decayed, size) {saved_groups} "
+                f"differ from this config's {self._group_layout()}: optim.lr_mult, "
+                "optim.no_decay, or optim.weight_decay turned on or off since it was saved; "
+                "resume with the settings it was written with"
             )
         self.nonfinite_count = extra["nonfinite_count"]
         self._rng_to_restore = extra["rng"]
