@@ -8,10 +8,10 @@
 One step = forward, cross-entropy + L2Wrap, backward, gradient clipping and AdamW, exactly the
 work of a trainer=cpu step (fp32; bf16 autocast over fp32 weights on a GPU, as trainer=gpu)
 without Lightning's bookkeeping; tokens/s = B*T / median time of --steps steps after one
-warm-up step. MFU = tokens/s x the model's FLOPs per token / the device's peak
-(rwkv_train.metrics.PEAK_FLOPS); --layers trims the depth of a large model to fit a short
-run. The models are read from conf/model/*.yaml (vocabulary 65536, so the head matmul is a
-large share of the work at the debug widths).
+warm-up step (which compiles, with --compile). MFU = tokens/s x the model's FLOPs per token /
+the device's peak (rwkv_train.metrics.PEAK_FLOPS); --layers trims the depth of a large model
+to fit a short run. The models are read from conf/model/*.yaml (vocabulary 65536, so the
+head matmul is a large share of the work at the debug widths).
 Prints a Markdown table for BENCHMARKS.md with the machine's CPU and thread count.
 """
 
@@ -50,10 +50,11 @@ def bench(
     backend: str,
     device: torch.device,
     layers: int | None = None,
+    compile: bool = False,
 ) -> tuple[float, RWKVConfig]:
     """(tokens/s, model config) of one model."""
     values = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"))
-    values.update(ctx_len=ctx_len, wkv_backend=backend)
+    values.update(ctx_len=ctx_len, wkv_backend=backend, compile=compile)
     if layers:
         values["n_layer"] = layers
     cfg = RWKVConfig.from_dict(values)
@@ -89,6 +90,7 @@ def main() -> None:
     p.add_argument("--backend", default="auto", help="wkv_backend: auto | torch | cpp | cuda")
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
     p.add_argument("--layers", type=int, default=None, help="override n_layer")
+    p.add_argument("--compile", action="store_true", help="model.compile: torch.compile blocks")
     a = p.parse_args()
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
@@ -96,12 +98,12 @@ def main() -> None:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast,")
     else:
         print(f"{cpu_name()}, {a.threads} threads, torch {torch.__version__}, fp32,")
-    print(f"B={a.batch}, T={a.ctx_len}, wkv_backend={a.backend}\n")
+    print(f"B={a.batch}, T={a.ctx_len}, wkv_backend={a.backend}, compile={a.compile}\n")
     print("| model | layers | params | train tokens/s | MFU |")
     print("|---|---|---|---|---|")
     peak = peak_flops(device)
     for name in a.models.split(","):
-        tps, cfg = bench(name, a.batch, a.ctx_len, a.steps, a.backend, device, a.layers)
+        tps, cfg = bench(name, a.batch, a.ctx_len, a.steps, a.backend, device, a.layers, a.compile)
         mfu = f"{tps * cfg.flops_per_token() / peak:.1%}" if peak else "-"
         print(
             f"| {name} | {cfg.n_layer} | {cfg.num_params() / 1e6:.1f}M | {tps:,.0f} | {mfu} |",

@@ -313,6 +313,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
     ds = tc.deepspeed
     if ds.stage not in (0, 1, 2, 3):
         raise ConfigError("deepspeed.stage", f"{ds.stage} is not 0, 1, 2 or 3")
+    if model.compile and ds.stage == 3:
+        raise ConfigError(
+            "model.compile",
+            "not with deepspeed.stage=3, whose hooks gather each module's weights as it runs "
+            "(untested under torch.compile): use ZeRO-1/2 or model.compile=false",
+        )
     if ds.offload_params and ds.stage != 3:
         raise ConfigError("deepspeed.offload_params", "needs deepspeed.stage=3")
     if ds.offload_optimizer and ds.stage == 0:

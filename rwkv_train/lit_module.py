@@ -142,7 +142,7 @@ def _align_batch_progress(checkpoint: dict[str, Any], accumulate: int) -> None:
 def architecture(cfg: RWKVConfig) -> dict[str, Any]:
     """The fields that fix the weights' shapes and meaning (not how they are computed)."""
     d = cfg.to_dict()
-    for k in ("ctx_len", "grad_checkpoint", "wkv_backend"):
+    for k in ("ctx_len", "grad_checkpoint", "compile", "wkv_backend"):
         d.pop(k, None)
     return d
 

@@ -114,10 +114,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("model.init_from=/nonexistent.pth", "model.init_from"),
         ("deepspeed.stage=5", "deepspeed.stage"),
         ("+deepspeed.offload_params=true", "deepspeed.offload_params"),
+        ("deepspeed=zero3 model.compile=true", "model.compile"),
+        ("trainer.segment_len=-1", "trainer.segment_len"),
     ],
 )
 def test_bad_config_names_the_field(data: Path, tmp_path: Path, override: str, field: str) -> None:
-    cfg = compose_train(train_overrides(data, tmp_path, override))
+    cfg = compose_train(train_overrides(data, tmp_path, *override.split()))
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.field == field

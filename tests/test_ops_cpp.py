@@ -185,6 +185,7 @@ def test_backend_resolution(cpp_ops, caplog):
     with pytest.raises(RuntimeError, match="runs on cuda tensors"):
         backend.resolve("wkv6", "cuda", cpu)
     backend._auto_choice.clear()
+    backend._resolved.clear()
     with caplog.at_level(logging.INFO, logger="rwkv_train.ops"):
         assert backend.resolve("wkv6", "auto", cpu) is fused.wkv6
     assert "WKV backend 'auto' on cpu: cpp" in caplog.text
@@ -199,6 +200,7 @@ def test_auto_falls_back_to_torch(monkeypatch, caplog):
 
     monkeypatch.setattr(loader, "load_for", broken)
     monkeypatch.setattr(backend, "_auto_choice", {})
+    monkeypatch.setattr(backend, "_resolved", {})
     cpu = torch.device("cpu")
     with caplog.at_level(logging.INFO, logger="rwkv_train.ops"):
         fn = backend.resolve("wkv6", "auto", cpu)

@@ -101,6 +101,17 @@ def test_segment_len_trains_the_whole_samples_run(data: Path, tmp_path: Path) ->
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
 
 
+def test_compiled_blocks_train_the_eager_runs_losses(cpp_ops, data: Path, tmp_path: Path) -> None:
+    """model.compile=true through Lightning: same losses, and the checkpoint loads into an
+    eager model (the parameter names are unchanged)."""
+    common = ("trainer.max_steps=3", "model.wkv_backend=cpp", "checkpoint.every_n_steps=0")
+    run(data, tmp_path / "eager", *common)
+    run(data, tmp_path / "compiled", "model.compile=true", *common)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-5)
+    pth = export(tmp_path / "compiled", tmp_path / "compiled.pth")
+    assert set(load_weights(pth)) == set(RWKV(RWKVConfig(vocab_size=128)).state_dict())
+
+
 def test_recorded_sample_ids_are_the_trained_ones_with_workers(data: Path, tmp_path: Path) -> None:
     """DataLoader workers draw micro-batches ahead; only those trained are recorded, the
     same lines as without workers (4 steps x 2 micro-batches, ids 0-15)."""

@@ -63,6 +63,11 @@ class RWKVConfig:
     """Recompute each block in the backward pass (torch.utils.checkpoint) to save activation
     memory while training; no effect in eval mode or under torch.no_grad()."""
 
+    compile: bool = False
+    """torch.compile each block (the embedding, head and loss stay eager): fewer, fused
+    kernels for the token shifts, LoRAs and norms around the WKV op, after a compile on the
+    first step (and on each new input shape). Not with ZeRO-3."""
+
     wkv_backend: str = "auto"
     """WKV implementation passed to rwkv_train.ops: "auto" (fastest available), "torch"
     (chunked PyTorch), "cpp" (fused CPU C++) or "cuda" (fused CUDA)."""
@@ -86,7 +91,7 @@ class RWKVConfig:
 
         Released files differ in ways only the tensors tell (LoRA widths 32/64 or 64/128,
         vocabulary 50277 or 65536), so a loader must not assume the defaults. `overrides` sets
-        the fields a checkpoint cannot tell (ctx_len, wkv_backend, grad_checkpoint).
+        the fields a checkpoint cannot tell (ctx_len, wkv_backend, grad_checkpoint, compile).
         """
         sd = state_dict
         C = sd["emb.weight"].shape[1]
@@ -141,8 +146,9 @@ class RWKVConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(field, "it must be a positive integer")
-        if not isinstance(self.grad_checkpoint, bool):
-            fail("grad_checkpoint", "use true or false")
+        for flag in ("grad_checkpoint", "compile"):
+            if not isinstance(getattr(self, flag), bool):
+                fail(flag, "use true or false")
         if self.wkv_backend not in BACKENDS:
             fail("wkv_backend", f"use one of {BACKENDS}")
         if self.version in (5, 6) and self.ffn_dim < 1:

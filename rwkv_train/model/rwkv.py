@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from rwkv_train.model import rwkv4, rwkv5, rwkv6
 from rwkv_train.model.common import Embedding, Linear
 from rwkv_train.model.config import RWKVConfig
+from rwkv_train.ops.backend import resolve
 
 MIXERS: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
     4: (rwkv4.TimeMix, rwkv4.ChannelMix),
@@ -67,6 +68,9 @@ class RWKV(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = Linear(cfg.n_embd, cfg.vocab_size, scale=0.5)
+        if cfg.compile:  # in place: parameter names (and so checkpoints) stay the same
+            for block in self.blocks:
+                block.compile()
 
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -124,6 +128,8 @@ class RWKV(nn.Module):
         L = self.cfg.n_layer
         if state is not None and len(state) != 3 * L:
             raise ValueError(f"state must hold 3 * n_layer = {3 * L} tensors, got {len(state)}")
+        if self.cfg.compile:  # find (build, load) the WKV op here, outside the compiled blocks
+            resolve(f"wkv{self.cfg.version}", self.cfg.wkv_backend, idx.device)
         use_ckpt = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
         x = self.emb(idx)  # (B, T, C)
         new_state: State = []

@@ -69,8 +69,24 @@ def _auto(device: torch.device) -> str:
     return choice
 
 
+# (op, backend, device type) -> the function resolve() found
+_resolved: dict[tuple[str, str, str], Callable] = {}
+
+
 def resolve(op: str, backend: str, device: torch.device) -> Callable:
-    """The function implementing `op` ("wkv4" | "wkv5" | "wkv6") on `backend` for `device`."""
+    """The function implementing `op` ("wkv4" | "wkv5" | "wkv6") on `backend` for `device`.
+
+    Found once per op, backend and device type, then looked up: a model under torch.compile
+    traces a dictionary lookup here rather than the extension loader (whose first call,
+    building or loading the extension, would break the compiled graph).
+    """
+    key = (op, backend, device.type)
+    if key not in _resolved:
+        _resolved[key] = _find(op, backend, device)
+    return _resolved[key]
+
+
+def _find(op: str, backend: str, device: torch.device) -> Callable:
     if backend not in BACKENDS:
         raise ValueError(f"wkv_backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
