@@ -10,8 +10,9 @@
 # The GPU image lacks DeepSpeed (and its pydantic, hjson) and Hydra (hydra-core, omegaconf,
 # antlr4-python3-runtime): put their wheels in .whl/ (gitignored; pure Python except
 # pydantic-core, for the image's Python 3.12) and carry it. The data is this repository's
-# Markdown, tokenised with the World tokenizer. About 3 minutes; TRAINER=cpu runs it here.
-# Last, 4 steps at ctx_len 4096 whole and with trainer.segment_len=512.
+# Markdown, tokenised with the World tokenizer. About 5 minutes; TRAINER=cpu runs it here.
+# Then 4 steps at ctx_len 4096 whole and with trainer.segment_len=512, and last
+# bench_train.py eager against --compile (model.compile).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -84,4 +85,10 @@ mem = [max(r.get("mem/max_reserved_gib", 0) for r in rs) for rs in (a, b)]
 print(f"segments: losses {[round(r['train/loss'], 4) for r in b]}, max |diff| to whole "
       f"{diff:.2e}; {mem[0]:.2f} GiB reserved whole, {mem[1]:.2f} GiB in segments")
 EOF
+# model.compile against eager: one training step's tokens/s, Finch-1.6B-shaped (8 layers).
+for flag in "" --compile; do
+    timeout 240 $PY benchmarks/bench_train.py --device cuda --models finch_1.6b --layers 8 \
+        --batch 2 --ctx-len 4096 --steps 3 $flag 2>&1 | tee -a "$OUT/bench_train_compile.log" \
+        | grep "^| finch" | sed "s/^/bench_train ${flag:-eager}: /" | tee -a "$OUT/summary.txt"
+done
 exit 0
