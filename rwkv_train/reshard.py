@@ -48,8 +48,10 @@ SUFFIX = ".universal"
 # none here). Checkpoints saved since this module exists carry it; older ones get it added
 # to the converted copy.
 INFO_KEY = "universal_checkpoint_info"
-# Written last into a universal form that loads under every ZeRO stage (`_stage_neutral`).
+# Written last into a universal form that ZeRO-3 loads whatever wrote it (`_stage_neutral`),
+# and once its per-parameter files are in the form ZeRO-1/2 read too (`_for_stages_1_2`).
 NEUTRAL = "stage_neutral"
+STAGE12 = "stage12_ready"
 # The model-states file ZeRO-3 reads from a universal form (stages 1-2: mp_rank_00_...).
 STAGE3_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
@@ -93,22 +95,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def is_complete(out: Path) -> bool:
-    """Whether `out` is a finished universal form, loadable under every ZeRO stage (one
-    built before the stage-neutral step existed is not: it is rebuilt)."""
-    return (out / "latest_universal").is_file() and (out / NEUTRAL).is_file()
+def is_complete(out: Path, stage: int = 3) -> bool:
+    """Whether `out` is a finished universal form that ZeRO stage `stage` loads (one built
+    before the stage-neutral step existed is not: it is rebuilt)."""
+    done = (out / "latest_universal").is_file() and (out / NEUTRAL).is_file()
+    return done and (stage == 3 or (out / STAGE12).is_file())
 
 
-def _stage_neutral(tag_dir: Path) -> None:
-    """Make a universal checkpoint loadable under ZeRO-3 and under ZeRO-1/2, whichever wrote it.
+def _stage_neutral(tag_dir: Path) -> bool:
+    """Make a universal checkpoint loadable under ZeRO-3 and, unless ZeRO-3 wrote it, under
+    ZeRO-1/2; whether it now is under ZeRO-1/2.
 
     DeepSpeed's two loaders read different files. Stages 1-2 read mp_rank_00_model_states.pt,
     every parameter's state as {"param": full-shaped tensor} with its step in step.pt, and
     the groups from zero/optimizer_state.pt's "param_groups". ZeRO-3 reads
     zero_pp_rank_0_mp_rank_00_model_states.pt, flat or full-shaped tensors, and the step from
     optimizer_state.pt's "optimizer_state_dict". ds_to_universal writes only the form of the
-    stage it converts from; this adds the other (the weights themselves never come from the
-    model-states file in a universal load, only the client state does).
+    stage it converts from; this adds the other's small files (the weights never come from
+    the model-states file in a universal load, only the client state does). The per-parameter
+    files of a ZeRO-3 source are rewritten only for a run that needs them
+    (`_for_stages_1_2`): that copies the whole optimizer state once more.
     """
     plain = tag_dir / "mp_rank_00_model_states.pt"
     stage3 = tag_dir / STAGE3_STATES
@@ -122,26 +128,40 @@ def _stage_neutral(tag_dir: Path) -> None:
         client = torch.load(plain, map_location="cpu", weights_only=False)
         optim["ds_version"] = client["ds_version"]
         torch.save(optim, zero / "optimizer_state.pt")
-    folders = [d for d in sorted(zero.iterdir()) if d.is_dir()]
     if "optimizer_state_dict" in optim:  # written from ZeRO-3
-        step = optim["optimizer_state_dict"]["state"][0]["step"]
-        shapes = {}
-        for group in torch.load(stage3, map_location="cpu", weights_only=False)["param_shapes"]:
-            shapes.update(group)
-        for folder in folders:
-            for key in ("fp32", "exp_avg", "exp_avg_sq"):
-                f = folder / f"{key}.pt"
-                value = torch.load(f, map_location="cpu", weights_only=False)
-                if torch.is_tensor(value):
-                    torch.save({"param": value.view(shapes[folder.name]), "cat_dim": 0}, f)
-            torch.save(step, folder / "step.pt")
-    else:  # written from ZeRO-1/2
-        step = torch.load(folders[0] / "step.pt", map_location="cpu", weights_only=False)
-        optim["optimizer_state_dict"] = {
-            "state": {0: {"step": step}},
-            "param_groups": optim["param_groups"],
-        }
-        torch.save(optim, zero / "optimizer_state.pt")
+        return False
+    folder = next(d for d in sorted(zero.iterdir()) if d.is_dir())
+    step = torch.load(folder / "step.pt", map_location="cpu", weights_only=False)
+    optim["optimizer_state_dict"] = {
+        "state": {0: {"step": step}},
+        "param_groups": optim["param_groups"],
+    }
+    torch.save(optim, zero / "optimizer_state.pt")
+    return True
+
+
+def _for_stages_1_2(out: Path) -> None:
+    """Rewrite the per-parameter files of a universal form written from ZeRO-3 (flat
+    tensors, no step) into the form ZeRO-1/2 load; a rerun after an interruption goes on."""
+    tag_dir = out / (out / "latest_universal").read_text().strip()
+    zero = tag_dir / "zero"
+    optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    step = optim["optimizer_state_dict"]["state"][0]["step"]
+    shapes = {}
+    for group in torch.load(tag_dir / STAGE3_STATES, map_location="cpu", weights_only=False)[
+        "param_shapes"
+    ]:
+        shapes.update(group)
+    for folder in (d for d in sorted(zero.iterdir()) if d.is_dir()):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            f = folder / f"{key}.pt"
+            value = torch.load(f, map_location="cpu", weights_only=False)
+            if torch.is_tensor(value):
+                tmp = f.with_name(f.name + ".tmp")
+                torch.save({"param": value.view(shapes[folder.name]), "cat_dim": 0}, tmp)
+                os.replace(tmp, f)
+        torch.save(step, folder / "step.pt")
+    (out / STAGE12).write_text("")
 
 
 def _finish(tmp: Path, out: Path) -> Path:
@@ -151,11 +171,14 @@ def _finish(tmp: Path, out: Path) -> Path:
     return out
 
 
-def make_universal(ckpt: Path, workers: int = 4) -> Path:
-    """Build the universal form of ZeRO checkpoint folder `ckpt` (if missing); its path."""
+def make_universal(ckpt: Path, workers: int = 4, stage: int = 3) -> Path:
+    """Build the universal form of ZeRO checkpoint folder `ckpt` for a run under ZeRO stage
+    `stage` (if missing); its path."""
     ckpt = Path(ckpt)
     out = universal_path(ckpt)
     if is_complete(out):
+        if not is_complete(out, stage):
+            _for_stages_1_2(out)
         return out
     tag = _tag(ckpt)
     tmp = out.with_name(out.name + ".tmp")
@@ -184,12 +207,15 @@ def make_universal(ckpt: Path, workers: int = 4) -> Path:
     for f in source.iterdir():
         if f.name.endswith("model_states.pt"):
             shutil.move(str(f), target / f.name)
-    _stage_neutral(target)
+    if _stage_neutral(target):
+        (tmp / "output" / STAGE12).write_text("")
     (tmp / "output" / "latest_universal").write_text(tag)
     (tmp / "output" / NEUTRAL).write_text("")
     shutil.rmtree(tmp / "input")
     _finish(tmp / "output", out)  # replaces an incomplete or pre-stage-neutral form
     shutil.rmtree(tmp, ignore_errors=True)
+    if not is_complete(out, stage):
+        _for_stages_1_2(out)
     log.info("universal checkpoint %s ready in %.1f s", out, time.perf_counter() - t0)
     return out
 
@@ -260,6 +286,7 @@ def universal_from_single(ckpt: Path, optim_cfg: Any) -> Path:
     _link_or_copy(tag_dir / "mp_rank_00_model_states.pt", tag_dir / STAGE3_STATES)
     (tmp / "latest_universal").write_text("checkpoint")
     (tmp / NEUTRAL).write_text("")
+    (tmp / STAGE12).write_text("")
     log.info("built the universal form of %s for ZeRO", ckpt)
     return _finish(tmp, out)
 
@@ -273,7 +300,7 @@ def single_from_zero(ckpt: Path, optim_cfg: Any) -> Path:
     out = single_path(ckpt)
     if out.is_file():
         return out
-    universal = make_universal(ckpt)
+    universal = make_universal(ckpt, stage=1)  # per-parameter files with shapes and steps
     tag_dir = universal / (universal / "latest_universal").read_text().strip()
     client = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
     net = _meta_net(client["rwkv_train"]["model_config"])
@@ -319,11 +346,11 @@ def is_rank_zero() -> bool:
 
 
 def ensure_loadable(
-    ckpt: Path, form: str, optim_cfg: Any = None, timeout_s: float = 3600.0
+    ckpt: Path, form: str, optim_cfg: Any = None, stage: int = 3, timeout_s: float = 3600.0
 ) -> Path:
-    """The `form` ("universal" or "single") of `ckpt` for this run to load: rank 0 builds it,
-    every other rank waits for it (and stops too if rank 0's conversion fails: rank 0 leaves
-    the error in <ckpt>.universal.failed)."""
+    """The `form` ("universal" or "single") of `ckpt` for this run (ZeRO stage `stage`) to
+    load: rank 0 builds it, every other rank waits for it (and stops too if rank 0's
+    conversion fails: rank 0 leaves the error in <ckpt>.universal.failed)."""
     build: Callable[[], Path]
     if form == "single":
         out = single_path(ckpt)
@@ -332,10 +359,10 @@ def ensure_loadable(
     else:
         out = universal_path(ckpt)
         if ckpt.is_dir():
-            build = lambda: make_universal(ckpt)  # noqa: E731
+            build = lambda: make_universal(ckpt, stage=stage)  # noqa: E731
         else:
             build = lambda: universal_from_single(ckpt, optim_cfg)  # noqa: E731
-        done = lambda: is_complete(out)  # noqa: E731
+        done = lambda: is_complete(out, stage)  # noqa: E731
     failed = failed_path(ckpt)
     if is_rank_zero():
         failed.unlink(missing_ok=True)
@@ -364,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_train.reshard", description=__doc__)
     p.add_argument("path", type=Path, help="a run folder or a ZeRO checkpoint folder")
     p.add_argument("--workers", type=int, default=4, help="conversion processes")
+    p.add_argument(
+        "--stage", type=int, default=3, choices=(1, 2, 3), help="the ZeRO stage it resumes under"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpt = args.path
@@ -375,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpt.is_dir():
         print(f"reshard: {ckpt} is a single-file checkpoint: nothing to convert", file=sys.stderr)
         return 1
-    print(f"reshard: {make_universal(ckpt, args.workers)}")
+    print(f"reshard: {make_universal(ckpt, args.workers, args.stage)}")
     return 0
 
 

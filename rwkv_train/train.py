@@ -145,7 +145,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
     load_path = ckpt
     form = None if ckpt is None else resume_form(ckpt, plan.world_size, tc.deepspeed.stage)
     if form is not None:
-        load_path = ensure_loadable(ckpt, form, tc.optim)
+        load_path = ensure_loadable(ckpt, form, tc.optim, tc.deepspeed.stage)
         log.info("%s was written by another rank count or strategy: loading %s", ckpt, load_path)
     loggers = make_loggers(plan, run_dir)
     if ckpt is not None:
