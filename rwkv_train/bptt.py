@@ -55,12 +55,13 @@ def segmented_loss(
     ce_total: Tensor | None = None
     for start in range(0, T, segment_len):
         stop = min(start + segment_len, T)
-        args = (net, x[:, start:stop], y[:, start:stop], (stop - start) / T, l2wrap, *state)
+        share = (stop - start) / T
+        args = (net, x[:, start:stop], y[:, start:stop], share, l2wrap, *state)
         if grad:
             part, ce, state = checkpoint(_segment, *args, use_reentrant=False)
         else:
             part, ce, state = _segment(*args)
-        weighted = ce * ((stop - start) / T)
+        weighted = ce * share
         total = part if total is None else total + part
         ce_total = weighted if ce_total is None else ce_total + weighted
     assert total is not None and ce_total is not None

@@ -273,17 +273,14 @@ def universal_from_single(ckpt: Path, optim_cfg: Any) -> Path:
                 torch.save({"param": t.float(), "cat_dim": 0}, folder / f"{key}.pt")
             step = torch.as_tensor(state["step"], dtype=torch.float32)
             torch.save(step, folder / "step.pt")
-    optim = {
-        "ds_version": deepspeed.__version__,
-        "param_groups": saved_groups,
-        "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": saved_groups},
-    }
+    # what ds_to_universal writes from ZeRO-1/2; _stage_neutral adds what ZeRO-3 reads
+    optim = {"ds_version": deepspeed.__version__, "param_groups": saved_groups}
     torch.save(optim, tag_dir / "zero" / "optimizer_state.pt")
     client = {**sd, "module": {}, "dp_world_size": 1, "mp_world_size": 1, "skipped_steps": 0}
     client.update(global_steps=sd["global_step"], ds_version=deepspeed.__version__)
     client[INFO_KEY] = {}
     torch.save(client, tag_dir / "mp_rank_00_model_states.pt")
-    _link_or_copy(tag_dir / "mp_rank_00_model_states.pt", tag_dir / STAGE3_STATES)
+    _stage_neutral(tag_dir)  # as from ZeRO-1/2: every stage reads it
     (tmp / "latest_universal").write_text("checkpoint")
     (tmp / NEUTRAL).write_text("")
     (tmp / STAGE12).write_text("")
