@@ -51,8 +51,8 @@ def segmented_loss(
         raise ValueError(f"segment_len must be at least 1, got {segment_len}")
     grad = torch.is_grad_enabled() and segment_len < T  # one segment: nothing to recompute
     state: Sequence[Tensor] = ()
-    total: Tensor | None = None
-    ce_total: Tensor | None = None
+    parts: list[Tensor] = []
+    ces: list[Tensor] = []
     for start in range(0, T, segment_len):
         stop = min(start + segment_len, T)
         share = (stop - start) / T
@@ -61,8 +61,6 @@ def segmented_loss(
             part, ce, state = checkpoint(_segment, *args, use_reentrant=False)
         else:
             part, ce, state = _segment(*args)
-        weighted = ce * share
-        total = part if total is None else total + part
-        ce_total = weighted if ce_total is None else ce_total + weighted
-    assert total is not None and ce_total is not None
-    return total, ce_total
+        parts.append(part)
+        ces.append(ce * share)
+    return torch.stack(parts).sum(), torch.stack(ces).sum()

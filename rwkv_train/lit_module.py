@@ -439,10 +439,11 @@ class RWKVLitModule(L.LightningModule):
                 "data.global_batch_size changed since it was saved"
             )
         saved_groups = extra.get("param_groups")  # absent from checkpoints of older versions
-        if saved_groups is not None and saved_groups != self._group_layout():
+        groups = self._group_layout()
+        if saved_groups is not None and saved_groups != groups:
             raise ValueError(
                 f"the checkpoint's optimizer groups (lr_mult, decayed, size) {saved_groups} "
-                f"differ from this config's {self._group_layout()}: optim.lr_mult, "
+                f"differ from this config's {groups}: optim.lr_mult, "
                 "optim.no_decay, or optim.weight_decay turned on or off since it was saved; "
                 "resume with the settings it was written with"
             )

@@ -116,8 +116,9 @@ def estimate(
     block = ACT_VALUES[model.version] * c * 2  # bytes per token per block
     per_token = (layers * c * 2 + block) if grad_checkpoint else layers * block
     per_token += HEAD_BYTES_PER_LOGIT * v
+    segment_len = segment_len if 0 < segment_len < ctx_len else 0  # else the whole sample
     tokens, states = ctx_len, 0.0
-    if 0 < segment_len < ctx_len:
+    if segment_len:
         wkv_state = model.n_embd * (3 if model.version == 4 else model.head_size)
         tokens = segment_len
         states = math.ceil(ctx_len / segment_len) * layers * (2 * c + wkv_state) * 4
@@ -137,7 +138,7 @@ def estimate(
         headroom=headroom_gb * GB,
         offload=offload,
         host=0.0 if on_gpu else (16 + (2 if offload == "params" else 0)) * p / gpus,
-        segment_len=segment_len if 0 < segment_len < ctx_len else 0,
+        segment_len=segment_len,
     )
 
 
