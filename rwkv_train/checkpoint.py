@@ -52,10 +52,6 @@ def shard_ranks(path: Path) -> set[int]:
     return {int(m.group(1)) for p in path.rglob("*") if (m := _SHARD.match(p.name))}
 
 
-def _record(path: Path) -> dict:
-    return json.loads(path.with_suffix(".json").read_text())
-
-
 def is_valid(path: Path) -> tuple[bool, str]:
     """Whether a checkpoint is complete: (ok, reason when not)."""
     record = path.with_suffix(".json")
@@ -109,7 +105,7 @@ def resume_form(path: Path, world_size: int, zero_stage: int) -> str | None:
         return "universal" if zero_stage > 0 else None
     # stage 3 partitions the weights too (a model-states file per rank); 1 and 2 share a layout
     saved_stage3 = any(p.name.startswith("zero_pp_rank_") for p in path.rglob("*model_states.pt"))
-    if saved_stage3 != (zero_stage == 3) or _record(Path(path)).get("world_size", 1) != world_size:
+    if saved_stage3 != (zero_stage == 3) or len(shard_ranks(Path(path))) != world_size:
         return "universal"
     return None
 

@@ -169,7 +169,8 @@ class TrainConfig:
     """Where the resolved config, checkpoints, metrics and W&B id live; fixed per run so a
     restarted job finds them (never a timestamp)."""
     resume: Any = "auto"
-    """"auto" (latest valid checkpoint in run_dir, else start fresh), "none", or a path."""
+    """"auto" (latest valid checkpoint in run_dir, else start fresh), "none", a checkpoint
+    (runs/NAME/checkpoints/stepNNNNNNNN.ckpt) or another run's folder (its newest valid one)."""
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)
     """The architecture (the fields of RWKVConfig) plus `init_from`: a reference-layout .pth

@@ -22,8 +22,14 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rwkv_train.checkpoint import CheckpointManager, checkpoint_step, find_latest, resume_form
-from rwkv_train.config import Plan, TrainConfig, validate
+from rwkv_train.checkpoint import (
+    CheckpointManager,
+    checkpoint_step,
+    find_latest,
+    is_valid,
+    resume_form,
+)
+from rwkv_train.config import ConfigError, Plan, TrainConfig, validate
 from rwkv_train.data.loader import TokenDataModule
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
@@ -99,13 +105,36 @@ def make_strategy(tc: TrainConfig, load_universal: bool = False) -> Strategy | s
 
 
 def resume_from(plan: Plan, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from, as `resume` asks."""
+    """The checkpoint to continue from, as `resume` asks. A path outside this run's folder
+    only starts the run: once the run has saved checkpoints of its own, a requeued job with
+    the same command continues from those, not again from the other run."""
     resume = str(plan.cfg.resume)
     if resume == "none":
         return None
+    own = find_latest(run_dir / "checkpoints")
     if resume == "auto":
-        return find_latest(run_dir / "checkpoints")
-    return Path(resume)
+        return own
+    path = Path(resume)
+    if own is not None and not path.resolve().is_relative_to(run_dir.resolve()):
+        log.info("%s has checkpoints of its own: continuing from them, not %s", run_dir, path)
+        return own
+    if (path / "checkpoints").is_dir():  # another run's folder: its newest valid checkpoint
+        latest = find_latest(path / "checkpoints")
+        if latest is None:
+            raise ConfigError("resume", f"no valid checkpoint in {path / 'checkpoints'}")
+        return latest
+    try:
+        checkpoint_step(path)
+    except ValueError:
+        raise ConfigError(
+            "resume", f"{path} is neither a run folder nor a checkpoint (stepNNNNNNNN.ckpt)"
+        ) from None
+    ok, reason = is_valid(path)
+    if not ok and path.with_suffix(".json").exists():
+        raise ConfigError("resume", f"{path}: {reason}")
+    if not ok:  # e.g. a checkpoint copied without its record: nothing to check it against
+        log.warning("%s has no completion record beside it: loading it unchecked", path)
+    return path
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -20,7 +20,7 @@ from train_utils import (
 from rwkv_train import lit_module
 from rwkv_train.bptt import segmented_loss
 from rwkv_train.checkpoint import find_latest, list_checkpoints
-from rwkv_train.config import OptimConfig
+from rwkv_train.config import ConfigError, OptimConfig
 from rwkv_train.export import export, load_weights
 from rwkv_train.generate import generate_ids, load_model
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
@@ -158,6 +158,39 @@ def test_checkpoints_keep_last_and_resume_auto(
     assert [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r] == list(
         range(1, 11)
     )
+
+
+def test_resume_from_another_run_or_a_copied_checkpoint(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "src"
+    run(data, src, "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    with caplog.at_level(logging.INFO):
+        run(data, tmp_path / "a", "trainer.max_steps=5", f"resume={src}")
+    assert "(step 4)" in caplog.text  # a run folder: its newest checkpoint
+    # the same command requeued continues the new run's own checkpoints (step 5)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run(data, tmp_path / "a", "trainer.max_steps=6", f"resume={src}")
+    assert "(step 5)" in caplog.text
+    assert [
+        r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r
+    ] == [5, 6]
+
+    copied = tmp_path / "copy" / "step00000002.ckpt"  # the file alone, without its record
+    copied.parent.mkdir()
+    copied.write_bytes((src / "checkpoints" / copied.name).read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run(data, tmp_path / "b", "trainer.max_steps=3", f"resume={copied}")
+    assert "no completion record" in caplog.text and "(step 2)" in caplog.text
+
+    torn = src / "checkpoints" / "step00000004.ckpt"
+    torn.write_bytes(torn.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"resume: .* size differs"):
+        run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={torn}")
+    with pytest.raises(ConfigError, match="neither a run folder nor a checkpoint"):
+        run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={src / 'config.yaml'}")
 
 
 def test_lr_schedule_warmup_decay_and_no_rewarm() -> None:
