@@ -30,21 +30,25 @@ from rwkv_train.optim import L2Wrap
 def _segment(
     net: RWKV, x: Tensor, y: Tensor, weight: float, l2wrap: float, *state: Tensor
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(weighted loss to backpropagate, mean cross-entropy, state after the segment)."""
+    """(weighted loss to backpropagate, each sample's mean cross-entropy, state after the
+    segment)."""
     logits, new_state = net.forward_with_state(x, state or None)
-    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+    per_sample = per_token.view(y.shape).mean(1)
+    ce = per_sample.mean()
     loss = L2Wrap.apply(ce, logits, l2wrap) if l2wrap > 0 else ce
-    return loss * weight, ce.detach(), new_state
+    return loss * weight, per_sample.detach(), new_state
 
 
 def segmented_loss(
     net: RWKV, x: Tensor, y: Tensor, segment_len: int, l2wrap: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """(loss to backpropagate, mean cross-entropy) of token ids x (B, T) against targets y.
+    """(loss to backpropagate, each sample's mean cross-entropy (B,)) of token ids x (B, T)
+    against targets y; the samples' cross-entropies stay apart for validation by source.
 
-    Equal, up to float rounding, to the cross-entropy of `net(x)` with L2Wrap applied (the
-    segments' means weighted by their lengths); `segment_len` >= T runs the sample whole,
-    without recomputation.
+    The loss equals, up to float rounding, the cross-entropy of `net(x)` with L2Wrap applied
+    (the segments' means weighted by their lengths); `segment_len` >= T runs the sample
+    whole, without recomputation.
     """
     T = x.shape[1]
     if segment_len < 1:
@@ -63,4 +67,4 @@ def segmented_loss(
             part, ce, state = _segment(*args)
         parts.append(part)
         ces.append(ce * share)
-    return torch.stack(parts).sum(), torch.stack(ces).sum()
+    return torch.stack(parts).sum(), torch.stack(ces).sum(0)

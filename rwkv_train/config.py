@@ -38,7 +38,9 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process)."""
     val_samples: int = 64
-    """Chunks of the val shards evaluated at each validation (0 disables validation)."""
+    """ctx_len chunks evaluated at each validation, in all (0 disables validation): the first
+    chunks of every source's val shards, taken from each source in turn and split over the
+    ranks. Logged as val/loss (all of them) and, with several sources, val/loss/<source>."""
     record_sample_ids: bool = False
     """Debugging: append the global sample indices each rank trains on to
     run_dir/sample_ids/rank{R}.txt (one micro-batch a line, as training takes it), to check

@@ -249,6 +249,7 @@ class RWKVLitModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch  # (B, T), (B, T)
         loss, ce = segmented_loss(self.net, x, y, self._segment_len(x), self.cfg.optim.l2wrap)
+        ce = ce.mean()
         if self.trainer.world_size > 1:
             # Every rank must take the same branch, and Lightning cannot skip a step across
             # ranks: a non-finite loss on any rank stops the run on all of them (the last
@@ -390,21 +391,35 @@ class RWKVLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_count = 0.0, 0
+        n = len(self.trainer.datamodule.val_names)
+        # each source's sum of sample losses and sample count, summed over ranks at the end
+        self._val_sums = torch.zeros(2, n, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        x, y, source = batch
         _, ce = segmented_loss(self.net, x, y, self._segment_len(x))
-        self._val_sum += ce.item() * y.numel()
-        self._val_count += y.numel()
+        keep = source >= 0  # -1: a repeat that evens out the ranks' batch counts
+        ones = torch.ones_like(ce, dtype=torch.float64)
+        self._val_sums[0].index_add_(0, source[keep], ce[keep].double())
+        self._val_sums[1].index_add_(0, source[keep], ones[keep])
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_count == 0 or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
             return
-        loss = self._val_sum / self._val_count
-        ppl = math.exp(min(loss, 80.0))
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").cpu()
+        if sums[1].sum() == 0:
+            return
+        loss = float(sums[0].sum() / sums[1].sum())
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0))}
+        names = self.trainer.datamodule.val_names
+        if len(names) > 1:
+            metrics |= {
+                f"val/loss/{name}": float(total / n)
+                for name, total, n in zip(names, sums[0], sums[1], strict=True)
+                if n > 0
+            }
         self.log("val_loss", loss, prog_bar=True, logger=False)
-        self._log_metrics({"val/loss": loss, "val/ppl": ppl}, self.trainer.global_step)
+        self._log_metrics(metrics, self.trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint state
     def _group_layout(self) -> list[list[Any]]:

@@ -203,7 +203,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         num_sanity_val_steps=0,
         val_check_interval=val_every * plan.accumulate,
         check_val_every_n_epoch=None,
-        limit_val_batches=1.0 if data.val_set is not None else 0,
+        limit_val_batches=1.0 if data.val_streams else 0,
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),
         plugins=slurm_plugins(),

@@ -29,7 +29,8 @@ from rwkv_train.train import compose_config, train
 pytestmark = pytest.mark.slow
 
 EVERY, STEPS = 3, 8  # ZeRO-3 run: checkpoints at 3, 6 and 8
-SAME = ["data.micro_batch_size=1", "data.global_batch_size=2", "data.val_samples=0"]
+# 3 val samples: rank 1 evaluates one and a repeat that counts nowhere
+SAME = ["data.micro_batch_size=1", "data.global_batch_size=2", "data.val_samples=3"]
 # buckets sized for a tiny model: 2e8-element buckets cost seconds per step on a CPU
 SMALL_BUCKETS = ["deepspeed.reduce_bucket_size=2e6", "deepspeed.allgather_bucket_size=2e6"]
 
@@ -173,6 +174,13 @@ def test_two_ranks_equal_one_rank_accumulating_two(runs: dict[str, Path]) -> Non
     one_loss = [loss for _, loss in history(one)]
     two_loss = [loss for _, loss in history(runs["zero2"])]
     assert one_loss == pytest.approx(two_loss, abs=1e-5)
+    # validation split over the ranks (one padded) gives the one-rank figure
+    val = [
+        [(r["step"], r["val/loss"]) for r in read_metrics(d / "metrics.jsonl") if "val/loss" in r]
+        for d in (one, runs["zero2"])
+    ]
+    assert [s for s, _ in val[0]] == [4] and [s for s, _ in val[1]] == [4]
+    assert val[1][0][1] == pytest.approx(val[0][0][1], abs=1e-5)
 
 
 def test_sigkill_after_checkpoint_then_resume_zero3(runs: dict[str, Path]) -> None:

@@ -57,16 +57,20 @@ def _sha(path: Path) -> str:
 def write_data_folder(
     folder: Path,
     train_docs: list[list[np.ndarray]],
-    val_docs: list[np.ndarray] | None = None,
+    val_docs: list[np.ndarray] | dict[str, list[np.ndarray]] | None = None,
     vocab_size: int = TINY_VOCAB,
     tokenizer: str = "test",
 ) -> Path:
-    """A data-prep-style folder: one train shard per list in `train_docs`, an optional val
-    shard, and a manifest.json with the keys data_prep.build writes."""
+    """A data-prep-style folder: one train shard per list in `train_docs`, optional val
+    shards (one, or one per named source), and a manifest.json with the keys data_prep.build
+    writes."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
-    parts = [("train", docs) for docs in train_docs] + ([("val", val_docs)] if val_docs else [])
-    for i, (split, docs) in enumerate(parts):
+    if not isinstance(val_docs, dict):
+        val_docs = {"synthetic": val_docs} if val_docs else {}
+    parts = [("train", "synthetic", docs) for docs in train_docs]
+    parts += [("val", source, docs) for source, docs in val_docs.items()]
+    for i, (split, source, docs) in enumerate(parts):
         prefix = f"{split}_{i:03d}"
         with BinIdxWriter(folder / prefix) as w:
             for d in docs:
@@ -74,7 +78,7 @@ def write_data_folder(
         shards.append(
             {
                 "prefix": prefix,
-                "source": "synthetic",
+                "source": source,
                 "split": split,
                 "documents": len(docs),
                 "tokens": int(sum(len(d) for d in docs)),

@@ -80,18 +80,42 @@ class ChunkDataset(Dataset):
         return window[:-1], window[1:]
 
 
-class SequentialChunks(Dataset):
-    """The first `limit` chunks of a stream in order (validation: same batches every time)."""
+class ValidationChunks(Dataset):
+    """The validation samples of one rank: (x, y, source) windows.
 
-    def __init__(self, stream: TokenStream, ctx_len: int, limit: int | None = None) -> None:
-        self.stream = stream
+    The first chunks of every source's val shards are taken in turn (chunk 0 of each source,
+    then chunk 1, ...), `total` in all, so each source is measured whatever order its shards
+    have in the manifest, and every evaluation sees the same samples. Rank r of `world` takes
+    every world-th of them. A rank with fewer than the others repeats one marked source -1
+    (counted nowhere): under ZeRO-3 every rank must run the same number of forward passes.
+    """
+
+    def __init__(
+        self,
+        streams: Sequence[TokenStream],
+        ctx_len: int,
+        total: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.streams = list(streams)
         self.ctx_len = ctx_len
-        n = stream.num_chunks(ctx_len)
-        self.n = n if limit is None else min(n, limit)
+        counts = [s.num_chunks(ctx_len) for s in self.streams]
+        order: list[tuple[int, int]] = []
+        for k in range(max(counts, default=0)):
+            order += [(s, k) for s, n in enumerate(counts) if k < n]
+            if len(order) >= total:
+                break
+        order = order[:total]
+        mine = order[rank::world]
+        share = -(-len(order) // world)
+        self.items = mine + [(-1, 0)] * (share - len(mine))
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = torch.from_numpy(self.stream.read(i * self.ctx_len, self.ctx_len + 1))
-        return window[:-1], window[1:]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        source, chunk = self.items[i]
+        stream = self.streams[max(source, 0)]
+        window = torch.from_numpy(stream.read(chunk * self.ctx_len, self.ctx_len + 1))
+        return window[:-1], window[1:], source

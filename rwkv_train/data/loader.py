@@ -7,9 +7,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
-from rwkv_train.data.dataset import ChunkDataset, SequentialChunks, TokenStream
+from rwkv_train.data.dataset import ChunkDataset, TokenStream, ValidationChunks
 from rwkv_train.data.manifest import Manifest
 from rwkv_train.data.sampler import StepBatchSampler
 
@@ -76,12 +77,9 @@ class TokenDataModule(L.LightningDataModule):
         self.train_set = ChunkDataset(
             [TokenStream(m.train) for m in manifests], weights, ctx_len, seed
         )
-        val_prefixes = [p for m in manifests for p in m.val]
-        self.val_set = None
-        if val_samples > 0 and val_prefixes:
-            stream = TokenStream(val_prefixes)
-            if stream.num_chunks(ctx_len) > 0:
-                self.val_set = SequentialChunks(stream, ctx_len, val_samples)
+        self.val_names, self.val_streams = (
+            val_sources(manifests, ctx_len) if val_samples else ([], [])
+        )
 
     def _loader_kwargs(self) -> dict:
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
@@ -116,8 +114,38 @@ class TokenDataModule(L.LightningDataModule):
         return batch
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
+        if not self.val_streams:
             return []
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        chunks = ValidationChunks(self.val_streams, self.ctx_len, self.val_samples, rank, world)
         return DataLoader(
-            self.val_set, batch_size=self.micro_batch_size, shuffle=False, **self._loader_kwargs()
+            chunks, batch_size=self.micro_batch_size, shuffle=False, **self._loader_kwargs()
         )
+
+
+def val_sources(manifests: list[Manifest], ctx_len: int) -> tuple[list[str], list[TokenStream]]:
+    """(names, streams) of the sources with at least one validation sample: the source
+    names of one data folder, or "<folder>.<source>" when several are mixed."""
+    names: list[str] = []
+    streams: list[TokenStream] = []
+    short: list[str] = []
+    for i, m in enumerate(manifests):
+        for source, prefixes in m.val.items():
+            name = source if len(manifests) == 1 else f"{m.path.parent.name}.{source}"
+            if name in names:  # two folders of the same name
+                name = f"{name}.{i}"
+            stream = TokenStream(prefixes)
+            if stream.num_chunks(ctx_len) > 0:
+                names.append(name)
+                streams.append(stream)
+            else:
+                short.append(name)
+    if short:
+        rank_zero_info(
+            "no validation for %d source(s) with fewer than ctx_len+1 = %d val tokens: %s",
+            len(short),
+            ctx_len + 1,
+            ", ".join(short),
+        )
+    return names, streams

@@ -17,7 +17,7 @@ class Manifest:
     tokenizer_name: str
     vocab_size: int
     train: list[Path] = field(default_factory=list)  # shard prefixes (absolute)
-    val: list[Path] = field(default_factory=list)
+    val: dict[str, list[Path]] = field(default_factory=dict)  # by source, in manifest order
     train_tokens: int = 0
     val_tokens: int = 0
 
@@ -41,20 +41,25 @@ def load_manifest(path: str | Path) -> Manifest:
         shards = doc["shards"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ManifestError(f"{p} is not a data-prep manifest: {e}") from e
-    splits: dict[str, list[Path]] = {"train": [], "val": []}
+    train: list[Path] = []
+    val: dict[str, list[Path]] = {}
     counts = {"train": 0, "val": 0}
     for shard in shards:
         split = shard.get("split", "train")
-        if split not in splits:
+        if split not in counts:
             raise ManifestError(f"{p}: shard {shard.get('prefix')} has unknown split {split!r}")
-        splits[split].append(p.parent / shard["prefix"])
+        prefix = p.parent / shard["prefix"]
+        if split == "train":
+            train.append(prefix)
+        else:
+            val.setdefault(str(shard.get("source", "data")), []).append(prefix)
         counts[split] += int(shard.get("tokens", 0))
     return Manifest(
         path=p,
         tokenizer_name=str(tok.get("name", "")),
         vocab_size=int(tok["vocab_size"]),
-        train=splits["train"],
-        val=splits["val"],
+        train=train,
+        val=val,
         train_tokens=counts["train"],
         val_tokens=counts["val"],
     )
