@@ -319,8 +319,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
     if model.compile and ds.stage == 3:
         raise ConfigError(
             "model.compile",
-            "not with deepspeed.stage=3, whose hooks gather each module's weights as it runs "
-            "(untested under torch.compile): use ZeRO-1/2 or model.compile=false",
+            "not with deepspeed.stage=3, whose hooks gather each module's weights as it runs: "
+            "torch.compile must break a block's graph at every one of them (the losses stay "
+            "right, the speed-up is lost to recompiles); use ZeRO-1/2 or model.compile=false",
         )
     if ds.offload_params and ds.stage != 3:
         raise ConfigError("deepspeed.offload_params", "needs deepspeed.stage=3")
