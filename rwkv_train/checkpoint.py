@@ -131,14 +131,25 @@ def _remove(path: Path) -> None:
     failed_path(path).unlink(missing_ok=True)
 
 
+def _multiple(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
 class CheckpointManager(L.Callback):
     """Saves the full state every `every_n_steps` optimizer steps and at the end of training,
-    keeping the newest `keep_last`."""
+    keeping the newest `keep_last` and those of every `keep_every_n_steps`-th step."""
 
-    def __init__(self, folder: str | Path, every_n_steps: int, keep_last: int = 3) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        every_n_steps: int,
+        keep_last: int = 3,
+        keep_every_n_steps: int = 0,
+    ) -> None:
         self.folder = Path(folder)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
+        self.keep_every_n_steps = keep_every_n_steps
         self._last_saved = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -146,7 +157,8 @@ class CheckpointManager(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_saved:
+        due = _multiple(step, self.every_n_steps) or _multiple(step, self.keep_every_n_steps)
+        if due and step != self._last_saved:
             self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -178,7 +190,8 @@ class CheckpointManager(L.Callback):
             record.with_suffix(".json.tmp").write_text(json.dumps(meta))
             os.replace(record.with_suffix(".json.tmp"), record)
             log.info("saved checkpoint %s (step %d, %.1f MiB)", final, step, size / 2**20)
-            for _, old in list_checkpoints(self.folder)[: -self.keep_last]:
-                _remove(old)
+            for old_step, old in list_checkpoints(self.folder)[: -self.keep_last]:
+                if not _multiple(old_step, self.keep_every_n_steps):
+                    _remove(old)
         self._last_saved = step
         return final

@@ -113,6 +113,10 @@ class CheckpointConfig:
     """Save the full training state every N optimizer steps (and at the end); 0: only the end."""
     keep_last: int = 3
     """Checkpoints kept in run_dir/checkpoints (older ones are deleted)."""
+    keep_every_n_steps: int = 0
+    """Milestones: the checkpoints of steps that are multiples of N are written (whatever
+    every_n_steps) and never deleted, for evaluating or exporting the model along the run
+    later; 0: none."""
 
 
 @dataclass
@@ -309,6 +313,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
         raise ConfigError("optim.warmup_start", "must be within [0, 1]")
     if tc.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last", "must be at least 1")
+    if tc.checkpoint.keep_every_n_steps < 0:
+        raise ConfigError("checkpoint.keep_every_n_steps", "must be 0 (none) or a step count")
     if tc.nonfinite.policy not in ("skip", "stop"):
         raise ConfigError("nonfinite.policy", f"{tc.nonfinite.policy!r} is not skip or stop")
     if tc.logger.name not in ("none", "wandb"):

@@ -172,8 +172,12 @@ def test_checkpoints_keep_last_and_resume_auto(
     data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     rd = tmp_path / "run"
-    run(data, rd, "trainer.max_steps=8", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2")
-    assert [s for s, _ in list_checkpoints(rd / "checkpoints")] == [6, 8]
+    run(
+        data, rd, "trainer.max_steps=8", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
+        "checkpoint.keep_every_n_steps=3",
+    )  # fmt: skip
+    # the newest two, and the milestone of step 3 (written although not a multiple of 2)
+    assert [s for s, _ in list_checkpoints(rd / "checkpoints")] == [3, 6, 8]
     # a torn newest checkpoint (truncated after its record was written) is skipped
     newest = rd / "checkpoints" / "step00000008.ckpt"
     newest.write_bytes(newest.read_bytes()[:1000])
