@@ -141,7 +141,9 @@ class DeepSpeedConfig:
     param_persistence_threshold: float = 1e5
     """Stage 3: parameters smaller than this stay whole on every rank."""
     pin_memory: bool = False
-    """Pin offloaded CPU memory (faster GPU transfers, more host memory)."""
+    """Pin offloaded CPU memory: faster GPU transfers, but torch's pinned allocator rounds
+    each buffer up to a power of two, so up to twice the host memory that `rwkv_train.plan`
+    (which assumes unpinned) gives for offload."""
 
 
 @dataclass

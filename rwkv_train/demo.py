@@ -35,13 +35,12 @@ QUICK = [
 ]
 
 
-def losses(run_dir: Path) -> list[float]:
-    """The train/loss history of a run, from its metrics.jsonl."""
+def metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [r["train/loss"] for r in rows if "train/loss" in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / ("run-quick" if args.quick else "run")
     overrides = ["experiment=demo", f"data.path={data}", f"run_dir={run_dir}"]
     train(compose_config(overrides + (QUICK if args.quick else []) + args.overrides))
-    history = losses(run_dir)
+    rows = metrics(run_dir)
+    history = [r["train/loss"] for r in rows if "train/loss" in r]
     if history:
         print(f"   loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} steps")
+    val = [r for r in rows if "val/loss" in r]
+    if val:
+        by_source = [f"{k[9:]} {v:.3f}" for k, v in val[-1].items() if k.startswith("val/loss/")]
+        print(f"   validation loss {val[-1]['val/loss']:.3f}", *by_source, sep="; ")
 
     print("== 3/4 export: reference-layout .pth", flush=True)
     pth = export(run_dir, args.out / ("demo-quick.pth" if args.quick else "demo.pth"))

@@ -36,3 +36,12 @@ def cpp_ops():
         skip_unless_required("REQUIRE_CPP_OPS", f"C++ ops unavailable: {exc}")
     print(f"C++ WKV ops ready in {time.perf_counter() - t0:.1f} s")
     return mod
+
+
+@pytest.fixture(scope="session")
+def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two-rank ZeRO-2 and ZeRO-3 runs (tests/dist_utils.py), made once for the test
+    modules that compare with them."""
+    from dist_utils import make_runs
+
+    return make_runs(tmp_path_factory.mktemp("dist"))

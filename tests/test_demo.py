@@ -25,4 +25,4 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
         assert step in out
     assert (tmp_path / "data" / "manifest.json").is_file()
     assert (tmp_path / "demo-quick.pth").stat().st_size > 1_000_000
-    assert "loss " in out
+    assert "loss " in out and "validation loss " in out

@@ -231,7 +231,7 @@ def test_lr_sweep_dry_run_with_submitit_local(data: Path, tmp_path: Path) -> Non
 def test_signal_to_one_rank_stops_both_at_one_zero_step(data: Path, tmp_path: Path) -> None:
     """Two ranks under ZeRO-2 (gloo): only rank 0 gets the signal, yet both stop at the same
     step after writing their partitions of one complete checkpoint, and exit for requeue."""
-    from test_distributed import command, environment
+    from dist_utils import command, environment
 
     from rwkv_train.checkpoint import shard_ranks
 
