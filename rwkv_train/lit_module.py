@@ -316,8 +316,8 @@ class RWKVLitModule(L.LightningModule):
             self._rng_to_restore = None
         if self._optimizer is not None:  # after a resume: saved by AdamW or by CPU Adam
             adopt_loaded_state(self._optimizer)
-            lrs = self.lr_schedulers().get_last_lr()
-            apply_group_settings(self._optimizer, param_groups(self.net, self.cfg.optim), lrs)
+            groups = param_groups(self.net, self.cfg.optim)
+            apply_group_settings(self._optimizer, groups, self.lr_schedulers())
         self._micro = 0
         self._loss_sum = 0.0
 

@@ -101,7 +101,9 @@ def adopt_loaded_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def apply_group_settings(
-    optimizer: torch.optim.Optimizer, groups: list[dict], lrs: list[float]
+    optimizer: torch.optim.Optimizer,
+    groups: list[dict],
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
     """Set each parameter group's hyperparameters from this run's config after a resume.
 
@@ -109,15 +111,18 @@ def apply_group_settings(
     ZeRO-3 universal loader (a resume on another rank count or stage) gives every group those of
     group 0: the lr multiplier, and weight decay, which group 0 (the 1x, no-decay group)
     turns off for the matrices for the rest of the run. `groups` are `param_groups()` of the
-    net (same order), `lrs` the LR scheduler's restored current rates.
+    net (same order); the rates come from the restored LR scheduler.
     """
+    lrs, base_lrs = scheduler.get_last_lr(), scheduler.base_lrs
     if len(optimizer.param_groups) != len(groups) or len(lrs) != len(groups):
         raise RuntimeError(
             f"the optimizer has {len(optimizer.param_groups)} parameter groups, the config "
             f"{len(groups)} and the LR scheduler {len(lrs)}"
         )
-    for group, fresh, lr in zip(optimizer.param_groups, groups, lrs, strict=True):
+    settings = zip(optimizer.param_groups, groups, lrs, base_lrs, strict=True)
+    for group, fresh, lr, base_lr in settings:
         group["lr"] = lr
+        group["initial_lr"] = base_lr
         group["lr_mult"] = fresh["lr_mult"]
         group["weight_decay"] = fresh["weight_decay"]
         group["betas"] = optimizer.defaults["betas"]

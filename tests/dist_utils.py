@@ -70,8 +70,8 @@ def history(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def saved_optimizer(ckpt: Path) -> tuple[list[float], list[float]]:
-    """From rank 0's ZeRO partition file: lr, lr_mult, weight_decay of each parameter group,
-    and the Adam step of every state."""
+    """From rank 0's ZeRO partition file: lr, lr_mult, weight_decay, initial_lr of each
+    parameter group, and the Adam step of every state."""
     (path,) = ckpt.rglob("*zero_pp_rank_0_*optim_states.pt")
     groups, steps = [], []
 
@@ -86,7 +86,7 @@ def saved_optimizer(ckpt: Path) -> tuple[list[float], list[float]]:
                     walk(v)
 
     walk(torch.load(path, map_location="cpu", weights_only=False))
-    return [g[k] for g in groups for k in ("lr", "lr_mult", "weight_decay")], steps
+    return [g[k] for g in groups for k in ("lr", "lr_mult", "weight_decay", "initial_lr")], steps
 
 
 def drop_checkpoint(run_dir: Path, step: int) -> None:

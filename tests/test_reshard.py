@@ -91,7 +91,7 @@ def test_resume_on_one_rank_from_two_rank_zero_checkpoint(
     assert final is not None and final.name == f"step{max_steps:08d}.ckpt"
     assert resume_form(final, 1, stage) is None  # written by this 1-rank run
     groups, steps = saved_optimizer(final)
-    assert groups[1::3] == [1.0, 2.0]  # lr_mult: the time_decay group at 2x
+    assert groups[1::4] == [1.0, 2.0]  # lr_mult: the time_decay group at 2x
     assert groups == pytest.approx(saved_optimizer(source / "checkpoints" / final.name)[0])
     assert steps and set(steps) == {max_steps}
 
@@ -208,7 +208,7 @@ def test_ddp_checkpoint_continues_under_zero3_with_its_optimizer_state(
     for (s, a), (_, b) in zip(got[2:], want[2:], strict=True):
         assert abs(a - b) <= 1e-5, (s, a, b)
     groups, steps = saved_optimizer(run_dir / "checkpoints" / "step00000004.ckpt")
-    assert groups[2::3] == [0.0, 0.1, 0.0]  # weight decay on the matrices' group only
+    assert groups[2::4] == [0.0, 0.1, 0.0]  # weight decay on the matrices' group only
     assert steps and set(steps) == {4}
     # groups that cannot be matched to the saved ones (optim.lr_mult changed) are refused
     ckpt = run_dir / "checkpoints" / "step00000002.ckpt"
