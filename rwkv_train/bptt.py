@@ -30,21 +30,20 @@ from rwkv_train.optim import L2Wrap
 def _segment(
     net: RWKV, x: Tensor, y: Tensor, weight: float, l2wrap: float, *state: Tensor
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(weighted loss to backpropagate, each sample's mean cross-entropy, state after the
+    """(weighted loss to backpropagate, every token's cross-entropy, state after the
     segment)."""
     logits, new_state = net.forward_with_state(x, state or None)
     per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-    per_sample = per_token.view(y.shape).mean(1)
-    ce = per_sample.mean()
+    ce = per_token.mean()
     loss = L2Wrap.apply(ce, logits, l2wrap) if l2wrap > 0 else ce
-    return loss * weight, per_sample.detach(), new_state
+    return loss * weight, per_token.view(y.shape).detach(), new_state
 
 
 def segmented_loss(
     net: RWKV, x: Tensor, y: Tensor, segment_len: int, l2wrap: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """(loss to backpropagate, each sample's mean cross-entropy (B,)) of token ids x (B, T)
-    against targets y; the samples' cross-entropies stay apart for validation by source.
+    """(loss to backpropagate, every token's cross-entropy (B, T)) of token ids x (B, T)
+    against targets y; validation reads its loss by source and by position from the latter.
 
     The loss equals, up to float rounding, the cross-entropy of `net(x)` with L2Wrap applied
     (the segments' means weighted by their lengths); `segment_len` >= T runs the sample
@@ -66,5 +65,5 @@ def segmented_loss(
         else:
             part, ce, state = _segment(*args)
         parts.append(part)
-        ces.append(ce * share)
-    return torch.stack(parts).sum(), torch.stack(ces).sum(0)
+        ces.append(ce)
+    return torch.stack(parts).sum(), torch.cat(ces, 1)

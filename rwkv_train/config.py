@@ -40,7 +40,8 @@ class DataConfig:
     val_samples: int = 64
     """ctx_len chunks evaluated at each validation, in all (0 disables validation): the first
     chunks of every source's val shards, taken from each source in turn and split over the
-    ranks. Logged as val/loss (all of them) and, with several sources, val/loss/<source>."""
+    ranks. Logged as val/loss (all of them), val/loss/<source> (with several sources) and
+    val/loss_by_pos/<first>-<last> (rwkv_train/validation.py)."""
     record_sample_ids: bool = False
     """Debugging: append the global sample indices each rank trains on to
     run_dir/sample_ids/rank{R}.txt (one micro-batch a line, as training takes it), to check

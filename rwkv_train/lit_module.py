@@ -15,7 +15,6 @@ built partitioned (see `configure_model`).
 """
 
 import logging
-import math
 import random
 from typing import Any
 
@@ -36,6 +35,7 @@ from rwkv_train.optim import (
     param_groups,
 )
 from rwkv_train.reshard import INFO_KEY as UNIVERSAL_INFO_KEY
+from rwkv_train.validation import ValidationLoss
 
 log = logging.getLogger(__name__)
 
@@ -391,35 +391,21 @@ class RWKVLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        n = len(self.trainer.datamodule.val_names)
-        # each source's sum of sample losses and sample count, summed over ranks at the end
-        self._val_sums = torch.zeros(2, n, dtype=torch.float64, device=self.device)
+        names = self.trainer.datamodule.val_names
+        self._val = ValidationLoss(names, self.cfg.data.ctx_len, self.device)
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, y, source = batch
         _, ce = segmented_loss(self.net, x, y, self._segment_len(x))
-        keep = source >= 0  # -1: a repeat that evens out the ranks' batch counts
-        ones = torch.ones_like(ce, dtype=torch.float64)
-        self._val_sums[0].index_add_(0, source[keep], ce[keep].double())
-        self._val_sums[1].index_add_(0, source[keep], ones[keep])
+        self._val.add(ce, source)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").cpu()
-        if sums[1].sum() == 0:
-            return
-        loss = float(sums[0].sum() / sums[1].sum())
-        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0))}
-        names = self.trainer.datamodule.val_names
-        if len(names) > 1:
-            metrics |= {
-                f"val/loss/{name}": float(total / n)
-                for name, total, n in zip(names, sums[0], sums[1], strict=True)
-                if n > 0
-            }
-        self.log("val_loss", loss, prog_bar=True, logger=False)
-        self._log_metrics(metrics, self.trainer.global_step)
+        metrics = self._val.metrics(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        if metrics:
+            self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False)
+            self._log_metrics(metrics, self.trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint state
     def _group_layout(self) -> list[list[Any]]:

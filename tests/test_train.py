@@ -141,31 +141,37 @@ def test_resume_refuses_other_optimizer_groups(data: Path, tmp_path: Path) -> No
     ]
 
 
-def test_validation_measures_every_source(tmp_path: Path) -> None:
+def test_validation_measures_every_source_and_position(tmp_path: Path) -> None:
     """Two val sources of different text: the samples are taken from each in turn, and
-    val/loss/<source> and val/loss are the cross-entropies of exactly those samples."""
+    val/loss/<source>, val/loss and val/loss_by_pos/<first>-<last> are the cross-entropies of
+    exactly those samples and positions."""
     docs = markov_documents(20, 60, TINY_VOCAB, seed=0)
     val = {
         "a": markov_documents(4, 60, TINY_VOCAB, seed=1),  # the train text's chain
         "b": markov_documents(4, 60, TINY_VOCAB, seed=2, chain=1),  # another chain
     }
     folder = write_data_folder(tmp_path / "data", [docs], val)
-    module = run(folder, tmp_path / "run", "trainer.max_steps=3", "data.val_samples=5")
+    module = run(
+        folder, tmp_path / "run", "trainer.max_steps=3", "data.val_samples=5", "data.ctx_len=80"
+    )
     (record,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r]
     assert record["step"] == 3
 
-    def ce(source: str, chunk: int) -> float:
-        stream = np.concatenate(val[source])[chunk * 16 : chunk * 16 + 17].astype(np.int64)
+    def ce(source: str, chunk: int) -> np.ndarray:
+        stream = np.concatenate(val[source])[chunk * 80 : chunk * 80 + 81].astype(np.int64)
         x = torch.from_numpy(stream)
         with torch.no_grad():
             logits = module.net.eval()(x[None, :-1])[0]
-        return F.cross_entropy(logits, x[1:]).item()
+        return F.cross_entropy(logits, x[1:], reduction="none").numpy()
 
     a, b = [ce("a", k) for k in range(3)], [ce("b", k) for k in range(2)]  # a0 b0 a1 b1 a2
     assert record["val/loss/a"] == pytest.approx(np.mean(a), rel=1e-5)
     assert record["val/loss/b"] == pytest.approx(np.mean(b), rel=1e-5)
     assert record["val/loss"] == pytest.approx(np.mean(a + b), rel=1e-5)
     assert record["val/loss/b"] > record["val/loss/a"]  # trained on a's chain
+    every = np.stack(a + b)
+    assert record["val/loss_by_pos/00-63"] == pytest.approx(every[:, :64].mean(), rel=1e-5)
+    assert record["val/loss_by_pos/64-79"] == pytest.approx(every[:, 64:].mean(), rel=1e-5)
 
 
 def test_checkpoints_keep_last_and_resume_auto(
