@@ -1,0 +1,116 @@
+"""Evaluate saved models on validation shards, outside training: the learning curve of a run's
+milestone checkpoints (`checkpoint.keep_every_n_steps`), or a reference .pth on your data.
+
+    python -m rwkv_train.evaluate runs/NAME/checkpoints/step*.ckpt --data DIR [--ctx-len 4096]
+        [--samples 64] [--segment-len 0] [--batch-size 4] [--device cuda] [--json out.jsonl]
+
+A model is a run folder (its newest valid checkpoint), a training checkpoint (a file, or a
+folder under ZeRO) or a reference-layout .pth. The samples and the metrics are the trainer's
+validation (rwkv_train/validation.py): the first chunks of every source's val shards taken in
+turn, and val/loss, val/ppl, val/loss/<source>, val/loss_by_pos/<first>-<last>. So the step-N
+checkpoint evaluated with the run's data, ctx_len and data.val_samples gives the val/loss the
+run logged at step N. On a GPU the model runs under bf16 autocast, as trainer=gpu trains.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from rwkv_train.bptt import segmented_loss
+from rwkv_train.checkpoint import checkpoint_step
+from rwkv_train.data import load_manifest
+from rwkv_train.data.dataset import TokenStream, ValidationChunks
+from rwkv_train.data.loader import val_sources
+from rwkv_train.generate import load_model
+from rwkv_train.model import RWKV
+from rwkv_train.validation import ValidationLoss
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(
+    net: RWKV,
+    names: list[str],
+    streams: Sequence[TokenStream],
+    ctx_len: int,
+    samples: int,
+    segment_len: int = 0,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """The validation metrics of `net` on the first `samples` chunks of `streams`."""
+    device = next(net.parameters()).device
+    chunks = ValidationChunks(streams, ctx_len, samples)
+    result = ValidationLoss(names, ctx_len, device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    for x, y, source in DataLoader(chunks, batch_size=batch_size):
+        x, y, source = x.to(device), y.to(device), source.to(device)
+        with autocast:
+            _, ce = segmented_loss(net, x, y, segment_len or ctx_len)
+        result.add(ce, source)
+    return result.metrics(lambda t: t)
+
+
+def model_step(path: Path) -> int | None:
+    """The optimizer step of a checkpoint (None for a .pth or a run folder)."""
+    try:
+        return checkpoint_step(path)
+    except ValueError:
+        return None
+
+
+def _summary(path: Path, metrics: dict[str, float]) -> str:
+    parts = [f"{path}: loss {metrics['val/loss']:.4f}"]
+    parts += [f"{k[9:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss/")]
+    pos = [f"{k[16:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss_by_pos/")]
+    if pos:
+        parts.append("by position " + ", ".join(pos))
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", type=Path, help="run folders, checkpoints or .pth files")
+    p.add_argument("--data", nargs="+", required=True, help="data-prep folders (their val shards)")
+    p.add_argument("--ctx-len", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=64, help="chunks in all (data.val_samples)")
+    p.add_argument("--segment-len", type=int, default=0, help="tokens per forward (0: whole)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, help="append one JSON line per model to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.ctx_len < 1 or args.samples < 1 or args.batch_size < 1 or args.segment_len < 0:
+        p.error("--ctx-len, --samples and --batch-size must be positive, --segment-len >= 0")
+    missing = [str(m) for m in args.models if not m.exists()]
+    if missing:
+        p.error(f"no model at {', '.join(missing)}")
+    manifests = [load_manifest(d) for d in args.data]
+    names, streams = val_sources(manifests, args.ctx_len)
+    if not streams:
+        p.error(f"no val shards with ctx_len+1 = {args.ctx_len + 1} tokens in {args.data}")
+    vocab = max(m.vocab_size for m in manifests)
+    for path in args.models:
+        net = load_model(path).to(args.device)
+        if net.cfg.vocab_size < vocab:
+            p.error(f"{path} has {net.cfg.vocab_size} token ids, the data {vocab}")
+        metrics = evaluate(
+            net, names, streams, args.ctx_len, args.samples, args.segment_len, args.batch_size
+        )
+        print(_summary(path, metrics), flush=True)
+        if args.json is not None:
+            with args.json.open("a") as f:
+                row = {"model": str(path), "step": model_step(path), **metrics}
+                f.write(json.dumps(row) + "\n")
+        del net
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
