@@ -1,11 +1,13 @@
-"""The RWKV-5/6 CUDA kernels' own source, run on CPU threads, against the float64 recurrence.
+"""The CUDA kernels' own source (RWKV-4, 5 and 6), run on CPU threads, against the float64
+recurrence.
 
 CI has no GPU, and the GPU tests run only when a GPU is lent, so a mistake in the kernels'
 chunking, indexing or barriers would otherwise reach main unseen. tests/cuda_emu compiles
-cuda/wkv56_kernels.cuh as plain C++ (g++ -std=c++20): each CUDA thread becomes a std::thread,
-__syncthreads a std::barrier, __shared__ arrays function statics, one block at a time. The
-launch shapes copy cuda/wkv6.cu's. What this cannot see: timing, warp-level behaviour (the
-kernels use none) and the CUDA compiler itself (tests/test_nvcc.py compiles with nvcc).
+cuda/wkv56_kernels.cuh and cuda/wkv4_kernels.cuh as plain C++ (g++ -std=c++20): each CUDA
+thread becomes a std::thread, __syncthreads a std::barrier, __shared__ arrays function
+statics, one block at a time. The launch shapes copy cuda/wkv6.cu's and cuda/wkv4.cu's. What
+this cannot see: timing, warp-level behaviour (the kernels use none) and the CUDA compiler
+itself (tests/test_nvcc.py compiles with nvcc).
 Needs g++; under REQUIRE_CPP_OPS=1 (CI) a missing compiler is a failure.
 """
 
@@ -20,7 +22,8 @@ import pytest
 import torch
 from conftest import skip_unless_required
 
-from rwkv_train.ops.testing import compare, make_case
+from rwkv_train.ops.fused import zero_state4
+from rwkv_train.ops.testing import FUSED_BOUNDS, assert_within, compare, make_case
 from rwkv_train.paths import cuda_dir
 
 EMU = Path(__file__).parent / "cuda_emu"
@@ -91,3 +94,47 @@ def test_cuda_kernels_emulated_match_reference(lib, op, B, T, H, N, dtype):
     errs = compare(case, emulated(lib, static=op == "wkv5"))
     bad = {k: f"{v:.2e}" for k, v in errs.items() if not v <= TOL[dtype]}
     assert not bad, f"relative errors over {TOL[dtype]}: {bad}"
+
+
+def emulated4(lib: ctypes.CDLL):
+    """wkv4 as f(k, v, w, u, state=None) -> (y, sT) with autograd."""
+
+    class Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, k, v, w, u, s0):
+            B, T, C = k.shape
+            k, v = k.contiguous(), v.contiguous()
+            w, u, s0 = (x.float().contiguous() for x in (w, u, s0))
+            y, sT = torch.empty_like(k), torch.empty_like(s0)
+            bf16 = int(k.dtype == torch.bfloat16)
+            args = [_p(x) for x in (k, v, w, u, s0, y, sT)]
+            assert lib.emu_wkv4_forward(bf16, B, T, C, *args) == 0
+            ctx.save_for_backward(k, v, w, u, s0)
+            return y, sT
+
+        @staticmethod
+        def backward(ctx, gy, gsT):
+            k, v, w, u, s0 = ctx.saved_tensors
+            B, T, C = k.shape
+            gy, gsT = gy.to(k.dtype).contiguous(), gsT.float().contiguous()
+            gk, gv = torch.empty_like(k), torch.empty_like(v)
+            gw, gu, gs0 = torch.empty(B, C), torch.empty(B, C), torch.empty_like(s0)
+            states = torch.empty(B, T, 3, C)
+            bf16 = int(k.dtype == torch.bfloat16)
+            bufs = (k, v, w, u, s0, gy, gsT, gk, gv, gw, gu, gs0, states)
+            assert lib.emu_wkv4_backward(bf16, B, T, C, *map(_p, bufs)) == 0
+            return gk, gv, gw.sum(0), gu.sum(0), gs0
+
+    def op(k, v, w, u, state=None):
+        return Op.apply(k, v, w, u, zero_state4(k) if state is None else state)
+
+    return op
+
+
+# C = H x N channels: one block of 128 threads, or three with a partial one.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("B", "T", "H", "N"), [(2, 1, 1, 40), (2, 15, 1, 40), (2, 33, 5, 40)])
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+def test_wkv4_cuda_kernels_emulated_match_reference(lib, B, T, H, N, dtype, with_state):
+    case = make_case("wkv4", B=B, T=T, H=H, N=N, dtype=dtype, with_state=with_state, seed=T)
+    assert_within(compare(case, emulated4(lib)), FUSED_BOUNDS[dtype])

@@ -21,7 +21,7 @@
 #define __align__(x) __attribute__((aligned(x)))
 
 struct EmuDim { int x = 0; };
-inline thread_local EmuDim threadIdx, blockIdx;
+inline thread_local EmuDim threadIdx, blockIdx, blockDim;
 inline std::barrier<>* emu_barrier = nullptr;
 inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
 using std::max;
@@ -38,6 +38,7 @@ void emu_launch(int blocks, int threads, K kernel, A... args) {
       ts.emplace_back([=] {
         threadIdx.x = t;
         blockIdx.x = b;
+        blockDim.x = threads;
         kernel(args...);
       });
     for (auto& th : ts) th.join();

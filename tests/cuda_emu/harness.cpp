@@ -1,13 +1,15 @@
-// Runs the RWKV-5/6 CUDA kernels of cuda/wkv56_kernels.cuh on CPU threads (see cuda_runtime.h
-// here), with the launch shapes of cuda/wkv6.cu, behind two C functions that
-// tests/test_cuda_emulated.py calls through ctypes. float32 or bf16 inputs; the RWKV-6 decay
-// in the input dtype, the RWKV-5 decay in float32.
+// Runs the CUDA kernels of cuda/wkv56_kernels.cuh (RWKV-5/6) and cuda/wkv4_kernels.cuh on CPU
+// threads (see cuda_runtime.h here), with the launch shapes of cuda/wkv6.cu and cuda/wkv4.cu,
+// behind C functions that tests/test_cuda_emulated.py calls through ctypes. float32 or bf16
+// inputs; the RWKV-6 decay in the input dtype, the RWKV-5 and RWKV-4 decays in float32.
 #include <type_traits>
 
 #include "cuda_runtime.h"
+#include "wkv4_kernels.cuh"
 #include "wkv56_kernels.cuh"
 
 using namespace rwkv::wkv56;
+using namespace rwkv::wkv4;
 
 namespace {
 
@@ -72,4 +74,37 @@ extern "C" int emu_wkv56_backward(int bf16, int st, int B, int T, int H, int N, 
     bwd<decltype(n)::value, typename decltype(f)::type, decltype(s)::value>(
         B, T, H, r, k, v, w, u, s0, gy, gsT, gr, gk, gv, gw, gu, gs0, q, acc);
   });
+}
+
+// RWKV-4: one thread per (batch, channel) in blocks of 128, as cuda/wkv4.cu launches them.
+constexpr int kWkv4Threads = 128;
+
+extern "C" int emu_wkv4_forward(int bf16, int B, int T, int C, const void* k, const void* v,
+                                const float* w, const float* u, const float* s0, void* y,
+                                float* sT) {
+  const int blocks = (B * C + kWkv4Threads - 1) / kWkv4Threads;
+  if (bf16)
+    emu_launch(blocks, kWkv4Threads, wkv4_fwd_kernel<__nv_bfloat16>, B, T, C,
+               (const __nv_bfloat16*)k, (const __nv_bfloat16*)v, w, u, s0, (__nv_bfloat16*)y, sT);
+  else
+    emu_launch(blocks, kWkv4Threads, wkv4_fwd_kernel<float>, B, T, C, (const float*)k,
+               (const float*)v, w, u, s0, (float*)y, sT);
+  return 0;
+}
+
+extern "C" int emu_wkv4_backward(int bf16, int B, int T, int C, const void* k, const void* v,
+                                 const float* w, const float* u, const float* s0, const void* gy,
+                                 const float* gsT, void* gk, void* gv, float* gw, float* gu,
+                                 float* gs0, float* states) {
+  const int blocks = (B * C + kWkv4Threads - 1) / kWkv4Threads;
+  if (bf16)
+    emu_launch(blocks, kWkv4Threads, wkv4_bwd_kernel<__nv_bfloat16>, B, T, C,
+               (const __nv_bfloat16*)k, (const __nv_bfloat16*)v, w, u, s0,
+               (const __nv_bfloat16*)gy, gsT, (__nv_bfloat16*)gk, (__nv_bfloat16*)gv, gw, gu, gs0,
+               states);
+  else
+    emu_launch(blocks, kWkv4Threads, wkv4_bwd_kernel<float>, B, T, C, (const float*)k,
+               (const float*)v, w, u, s0, (const float*)gy, gsT, (float*)gk, (float*)gv, gw, gu,
+               gs0, states);
+  return 0;
 }
