@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from rwkv_train.bptt import segmented_loss
-from rwkv_train.config import TrainConfig
+from rwkv_train.config import TrainConfig, data_sources
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.optim import (
@@ -415,6 +415,9 @@ class RWKVLitModule(L.LightningModule):
         groups = param_groups(self.net, self.cfg.optim)
         return [[g["lr_mult"], g["weight_decay"] > 0, len(g["params"])] for g in groups]
 
+    def _data_sources(self) -> list[list[Any]]:
+        return [[path, weight] for path, weight in data_sources(self.cfg.data.path)]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rwkv_train"] = {
             "rng": rng_state(),
@@ -422,6 +425,7 @@ class RWKVLitModule(L.LightningModule):
             "nonfinite_count": self.nonfinite_count,
             "model_config": architecture(self.model_cfg),
             "param_groups": self._group_layout(),
+            "data": self._data_sources(),
         }
         checkpoint[UNIVERSAL_INFO_KEY] = {}  # lets a ZeRO checkpoint be resharded (reshard.py)
 
@@ -447,6 +451,15 @@ class RWKVLitModule(L.LightningModule):
                 f"differ from this config's {groups}: optim.lr_mult, "
                 "optim.no_decay, or optim.weight_decay turned on or off since it was saved; "
                 "resume with the settings it was written with"
+            )
+        saved_data = extra.get("data")  # absent from checkpoints of older versions
+        if saved_data is not None and saved_data != self._data_sources() and self.global_rank == 0:
+            log.warning(
+                "data.path differs from the checkpoint's %s: training goes on with global "
+                "sample %d of this data's order, as if the run had read it from the start "
+                "(the position of a sample is a function of its index and the data)",
+                saved_data,
+                expected,
             )
         self.nonfinite_count = extra["nonfinite_count"]
         self._rng_to_restore = extra["rng"]

@@ -206,6 +206,7 @@ def test_resume_from_another_run_or_a_copied_checkpoint(
     with caplog.at_level(logging.INFO):
         run(data, tmp_path / "a", "trainer.max_steps=5", f"resume={src}")
     assert "(step 4)" in caplog.text  # a run folder: its newest checkpoint
+    assert "data.path differs" not in caplog.text
     # the same command requeued continues the new run's own checkpoints (step 5)
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -214,6 +215,13 @@ def test_resume_from_another_run_or_a_copied_checkpoint(
     assert [
         r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r
     ] == [5, 6]
+
+    other = tiny_data(tmp_path / "other_data", seed=7)  # e.g. an annealing set
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(other, tmp_path / "d", "trainer.max_steps=5", f"resume={src}")
+    assert "data.path differs from the checkpoint's" in caplog.text
+    assert "global sample 8 of this data's order" in caplog.text  # step 4 x 2 samples
 
     copied = tmp_path / "copy" / "step00000002.ckpt"  # the file alone, without its record
     copied.parent.mkdir()
