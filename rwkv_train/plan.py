@@ -16,7 +16,8 @@ over n GPUs:
   values) and one block at a time is recomputed; the head keeps the bf16 logits and fp32
   softmax and its gradient, 10 bytes per token per vocabulary entry. With `segment_len`
   (exact BPTT in segments, rwkv_train/bptt.py) T is the segment's length, plus the fp32 RNN
-  state kept at the start of every segment (n_layer x (2C + C N) floats; RWKV-4: 5C).
+  state kept at the start of every segment (n_layer x (2C + C N) floats; RWKV-4: 5C). Left
+  unset, segments are proposed (the longest that fits) only when whole samples fit nowhere.
 
 CPU offload (ZeRO-Offload) moves the optimizer term and the gradients to host memory (only
 the reduce buckets stay on the GPU, inside the headroom), and with ZeRO-3 optionally the
@@ -142,22 +143,39 @@ def estimate(
     )
 
 
+# Segment lengths tried, longest first, when whole samples fit nowhere.
+SEGMENTS = (16384, 8192, 4096, 2048, 1024, 512)
+
+
+def recompute_options(
+    ctx_len: int, grad_checkpoint: bool | None, segment_len: int | None
+) -> list[tuple[int, bool]]:
+    """(segment_len, grad_checkpoint) pairs allowed by the config, by the forward passes they
+    recompute: none (whole samples), one (checkpointing, or segments, the longest first),
+    two (both). A value left None is searched; segment_len 0 means whole samples."""
+    ckpts = [grad_checkpoint] if grad_checkpoint is not None else [False, True]
+    if segment_len is not None:
+        return [(segment_len, g) for g in ckpts]
+    segs = [s for s in SEGMENTS if s < ctx_len]
+    return [(0, g) for g in ckpts] + [(s, g) for g in ckpts for s in segs]
+
+
 def candidates(cfg: DictConfig, model: RWKVConfig) -> list[Estimate]:
-    """Every setting the config allows, cheapest first: no offload, low stage, no
-    checkpointing, big micro-batch."""
+    """Every setting the config allows, cheapest first: no offload, low stage, the least
+    recomputation, big micro-batch."""
     pairs = settings(cfg.offload)
     if cfg.zero_stage is not None:
         pairs = [(s, o) for s, o in pairs if s == cfg.zero_stage]
-    ckpts = [cfg.grad_checkpoint] if cfg.grad_checkpoint is not None else [False, True]
+    options = recompute_options(cfg.ctx_len, cfg.grad_checkpoint, cfg.segment_len)
     micros = (
         [cfg.micro_batch_size]
         if cfg.micro_batch_size is not None
         else list(range(cfg.max_micro_batch, 0, -1))
     )
     return [
-        estimate(model, cfg.gpus, s, g, m, cfg.ctx_len, cfg.headroom_gb, o, cfg.segment_len)
+        estimate(model, cfg.gpus, s, g, m, cfg.ctx_len, cfg.headroom_gb, o, seg)
         for s, o in pairs
-        for g in ckpts
+        for seg, g in options
         for m in micros
     ]
 
@@ -194,15 +212,15 @@ def report(cfg: DictConfig) -> int:
         f"{model.num_params() / 1e9:.2f}B parameters, "
         f"{model.flops_per_token() / 1e9:.1f} GFLOP/token (fwd+bwd)"
     )
-    segments = f" in segments of {cfg.segment_len}" if 0 < cfg.segment_len < cfg.ctx_len else ""
+    table_seg = cfg.segment_len or 0
+    segments = f" in segments of {table_seg}" if 0 < table_seg < cfg.ctx_len else ""
     print(f"{cfg.gpus} GPUs x {cfg.gpu_mem_gb} GB, ctx_len {cfg.ctx_len}{segments}\n")
     node = gpus_per_node(cfg)
     print("micro-batch 1, GB              weights  grads  optim  activ  headroom  total  host/node")
     for stage, offload in settings(None):
         for ckpt in (False, True):
             e = estimate(
-                model, cfg.gpus, stage, ckpt, 1, cfg.ctx_len, cfg.headroom_gb, offload,
-                cfg.segment_len,
+                model, cfg.gpus, stage, ckpt, 1, cfg.ctx_len, cfg.headroom_gb, offload, table_seg,
             )  # fmt: skip
             where = {"none": "", "optimizer": " cpu:optim", "params": " cpu:optim+wts"}[offload]
             label = f"ZeRO-{stage}{where} ckpt={'on' if ckpt else 'off'}"
@@ -217,7 +235,7 @@ def report(cfg: DictConfig) -> int:
         e = min(allowed, key=lambda x: x.total)
         setting = (
             f"ZeRO-{e.zero_stage}, offload={e.offload}, grad_checkpoint={e.grad_checkpoint}, "
-            f"micro_batch_size={e.micro_batch_size}"
+            f"micro_batch_size={e.micro_batch_size}, segment_len={e.segment_len}"
         )
         if e.total <= limit:  # the GPUs would do; the host cannot hold what is offloaded
             print(

@@ -3,7 +3,7 @@
 import pytest
 
 from rwkv_train.model.config import RWKVConfig
-from rwkv_train.plan import GB, estimate, main
+from rwkv_train.plan import GB, estimate, main, recompute_options
 
 FINCH_14B = RWKVConfig(version=6, n_layer=61, n_embd=4096, mix_lora_dim=64, decay_lora_dim=128)
 
@@ -39,9 +39,29 @@ def test_segments_bound_activations_by_the_segment_plus_states() -> None:
 
 def test_plan_fits_a_long_context_only_in_segments(capsys: pytest.CaptureFixture) -> None:
     args = ["model=finch_3b", "gpus=8", "gpu_mem_gb=80", "ctx_len=65536"]
-    assert main([*args, "zero_stage=2", "offload=false"]) == 1
+    assert main([*args, "zero_stage=2", "offload=false", "segment_len=0"]) == 1
     assert main([*args, "zero_stage=2", "offload=false", "segment_len=4096"]) == 0
     assert "trainer.segment_len=4096" in capsys.readouterr().out
+    # left to the planner: the longest segments that fit without block checkpointing (8192
+    # would need about 60 GB of activations), rather than offload or ZeRO-3
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "proposed: deepspeed=zero1 model.grad_checkpoint=false" in out
+    assert "trainer.segment_len=4096" in out
+    # whole samples of 4096 tokens fit: no segments proposed
+    assert main(["model=finch_3b", "gpus=8", "gpu_mem_gb=80", "ctx_len=4096"]) == 0
+    assert "segment_len" not in capsys.readouterr().out.split("proposed:")[1]
+
+
+def test_recompute_options_least_recomputation_first() -> None:
+    assert recompute_options(4096, None, None) == [
+        (0, False), (0, True),
+        (2048, False), (1024, False), (512, False),
+        (2048, True), (1024, True), (512, True),
+    ]  # fmt: skip
+    assert recompute_options(4096, True, None)[:2] == [(0, True), (2048, True)]
+    assert recompute_options(65536, None, 0) == [(0, False), (0, True)]
+    assert recompute_options(65536, False, 3000) == [(3000, False)]
 
 
 def test_plan_proposes_a_fitting_setting(capsys: pytest.CaptureFixture) -> None:
