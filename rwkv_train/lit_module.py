@@ -205,8 +205,7 @@ class RWKVLitModule(L.LightningModule):
         self._grad_norm = float("nan")
         self._throughput = Throughput()
         self._optimizer: torch.optim.Optimizer | None = None
-        self._val_sum = 0.0
-        self._val_count = 0
+        self._val: ValidationLoss | None = None
 
     # ------------------------------------------------------------------ model
     def _zero_stage(self) -> int:
@@ -397,10 +396,11 @@ class RWKVLitModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, y, source = batch
         _, ce = segmented_loss(self.net, x, y, self._segment_len(x))
+        assert self._val is not None
         self._val.add(ce, source)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking or self._val is None:
             return
         metrics = self._val.metrics(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         if metrics:
