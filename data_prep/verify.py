@@ -143,9 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(args.folder)
     total = manifest["total_tokens"]
     print(f"verify: {args.folder}: OK, {len(manifest['shards'])} shards, {total} tokens")
+    val: dict[str, int] = defaultdict(int)  # what the trainer validates each source on
+    for shard in manifest["shards"]:
+        if shard.get("split") == "val":
+            val[shard["source"]] += shard["tokens"]
     for name, (docs, tokens) in per_source(manifest).items():  # the build's natural mixture
         share = 100 * tokens / total if total else 0.0
-        print(f"  {name}: {docs} documents, {tokens} tokens ({share:.2f} %)")
+        line = f"{docs} documents, {tokens} tokens ({share:.2f} %), {val[name]} of them val"
+        print(f"  {name}: {line}")
     return 0
 
 

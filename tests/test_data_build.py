@@ -282,7 +282,9 @@ def test_verify_catches_a_flipped_byte(tmp_path, capsys):
     manifest = build(cfg(out, [src]))
     assert verify_main([str(out)]) == 0
     tokens = manifest["total_tokens"]
-    assert f"  a: 30 documents, {tokens} tokens (100.00 %)" in capsys.readouterr().out
+    val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+    line = f"  a: 30 documents, {tokens} tokens (100.00 %), {val} of them val"
+    assert val > 0 and line in capsys.readouterr().out
     prefix = manifest["shards"][0]["prefix"]
     for suffix, offset in ((".bin", 7), (".idx", 40)):
         path = out / f"{prefix}{suffix}"
