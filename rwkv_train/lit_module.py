@@ -316,9 +316,28 @@ class RWKVLitModule(L.LightningModule):
         if self._optimizer is not None:  # after a resume: saved by AdamW or by CPU Adam
             adopt_loaded_state(self._optimizer)
             groups = param_groups(self.net, self.cfg.optim)
+            self._schedule_from_config(groups)
             apply_group_settings(self._optimizer, groups, self.lr_schedulers())
         self._micro = 0
         self._loss_sum = 0.0
+
+    def _schedule_from_config(self, groups: list[dict]) -> None:
+        """Make the LR schedule this config's. LambdaLR saves its schedule object's fields and
+        base rates with its step, and a resume restores them: without this, a run resumed
+        with another optim.lr_*, warmup, decay or trainer.max_steps would keep following the
+        checkpoint's curve while its config.yaml said otherwise."""
+        scheduler = self.lr_schedulers()
+        fresh = LRSchedule.from_config(
+            self.cfg.optim, self.tokens_per_step, self.cfg.trainer.max_steps
+        )
+        base_lrs = [g["lr"] for g in groups]  # lr_init x each group's lr_mult
+        if fresh != self.schedule or base_lrs != scheduler.base_lrs:
+            log.info(
+                "LR schedule from the config (%s), not the checkpoint's (%s)", fresh, self.schedule
+            )
+        vars(self.schedule).update(vars(fresh))  # the object LambdaLR calls
+        scheduler.base_lrs = base_lrs
+        scheduler._last_lr = [b * self.schedule(scheduler.last_epoch) for b in base_lrs]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._throughput.batch_start()

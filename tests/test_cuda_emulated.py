@@ -131,7 +131,7 @@ def emulated4(lib: ctypes.CDLL):
     return op
 
 
-# C = H x N channels: one block of 128 threads, or three with a partial one.
+# B x C = B x H x N threads: one block of 128, or four with a partial last one.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("B", "T", "H", "N"), [(2, 1, 1, 40), (2, 15, 1, 40), (2, 33, 5, 40)])
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])

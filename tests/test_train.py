@@ -239,6 +239,24 @@ def test_resume_from_another_run_or_a_copied_checkpoint(
         run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={src / 'config.yaml'}")
 
 
+def test_resume_follows_the_configs_lr_schedule(data: Path, tmp_path: Path) -> None:
+    """A run extended at a resume (max_steps 4 -> 8, another lr_init) follows the schedule of
+    its config, as a run started with it would, not the one saved in the checkpoint."""
+    run(data, tmp_path / "a", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    new = ("trainer.max_steps=8", "optim.lr_init=2e-3", "checkpoint.every_n_steps=0")
+    resumed = run(data, tmp_path / "a", *new)
+    run(data, tmp_path / "b", *new)
+    lrs = [
+        [r["optim/lr"] for r in read_metrics(d / "metrics.jsonl") if "optim/lr" in r]
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert len(lrs[0]) == len(lrs[1]) == 8
+    assert lrs[0][4:] == pytest.approx(lrs[1][4:], rel=1e-12)
+    schedule = LRSchedule.from_config(resumed.cfg.optim, resumed.tokens_per_step, 8)
+    for group in resumed._optimizer.param_groups:  # what the optimizer stepped with last
+        assert group["lr"] == pytest.approx(2e-3 * group["lr_mult"] * schedule(8), rel=1e-12)
+
+
 def test_lr_schedule_warmup_decay_and_no_rewarm() -> None:
     cfg = OptimConfig(lr_init=1e-3, lr_final=1e-4, warmup_steps=10, warmup_start=0.2)
     s = LRSchedule.from_config(cfg, tokens_per_step=100, max_steps=110)
