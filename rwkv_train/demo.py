@@ -21,7 +21,9 @@ from data_prep.demo_corpus import build_demo_data
 from data_prep.tokenizer import WorldTokenizer
 from rwkv_train.export import export
 from rwkv_train.generate import generate_text, load_model
+from rwkv_train.metrics import read_metrics
 from rwkv_train.train import compose_config, train
+from rwkv_train.validation import summary
 
 QUICK = [
     "trainer.max_steps=5",
@@ -33,14 +35,6 @@ QUICK = [
     "data.global_batch_size=2",
     "trainer.progress_bar=false",
 ]
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,14 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / ("run-quick" if args.quick else "run")
     overrides = ["experiment=demo", f"data.path={data}", f"run_dir={run_dir}"]
     train(compose_config(overrides + (QUICK if args.quick else []) + args.overrides))
-    rows = metrics(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     history = [r["train/loss"] for r in rows if "train/loss" in r]
     if history:
         print(f"   loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} steps")
     val = [r for r in rows if "val/loss" in r]
     if val:
-        by_source = [f"{k[9:]} {v:.3f}" for k, v in val[-1].items() if k.startswith("val/loss/")]
-        print(f"   validation loss {val[-1]['val/loss']:.3f}", *by_source, sep="; ")
+        print(f"   validation {summary(val[-1])}")
 
     print("== 3/4 export: reference-layout .pth", flush=True)
     pth = export(run_dir, args.out / ("demo-quick.pth" if args.quick else "demo.pth"))

@@ -29,7 +29,7 @@ from rwkv_train.data.dataset import TokenStream, ValidationChunks
 from rwkv_train.data.loader import val_sources
 from rwkv_train.generate import load_model
 from rwkv_train.model import RWKV
-from rwkv_train.validation import ValidationLoss
+from rwkv_train.validation import ValidationLoss, summary
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ def model_step(path: Path) -> int | None:
         return None
 
 
-def _summary(path: Path, metrics: dict[str, float]) -> str:
-    parts = [f"{path}: loss {metrics['val/loss']:.4f}"]
-    parts += [f"{k[9:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss/")]
-    pos = [f"{k[16:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss_by_pos/")]
-    if pos:
-        parts.append("by position " + ", ".join(pos))
-    return "; ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", type=Path, help="run folders, checkpoints or .pth files")
@@ -103,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(
             net, names, streams, args.ctx_len, args.samples, args.segment_len, args.batch_size
         )
-        print(_summary(path, metrics), flush=True)
+        print(f"{path}: {summary(metrics)}", flush=True)
         if args.json is not None:
             with args.json.open("a") as f:
                 row = {"model": str(path), "step": model_step(path), **metrics}

@@ -67,3 +67,13 @@ class ValidationLoss:
             key = f"val/loss_by_pos/{first:0{width}d}-{stop - 1:0{width}d}"
             out[key] = float(position[first:stop].sum()) / (samples * (stop - first))
         return out
+
+
+def summary(metrics: dict[str, float]) -> str:
+    """One line of a pass's metrics: "loss L; <source> L; ...; by position <range> L, ..."."""
+    parts = [f"loss {metrics['val/loss']:.4f}"]
+    parts += [f"{k[9:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss/")]
+    pos = [f"{k[16:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss_by_pos/")]
+    if pos:
+        parts.append("by position " + ", ".join(pos))
+    return "; ".join(parts)
