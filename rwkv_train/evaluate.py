@@ -31,8 +31,6 @@ from rwkv_train.generate import load_model
 from rwkv_train.model import RWKV
 from rwkv_train.validation import ValidationLoss, summary
 
-log = logging.getLogger(__name__)
-
 
 @torch.no_grad()
 def evaluate(
@@ -44,7 +42,7 @@ def evaluate(
     segment_len: int = 0,
     batch_size: int = 4,
 ) -> dict[str, float]:
-    """The validation metrics of `net` on the first `samples` chunks of `streams`."""
+    """The validation metrics of `net` on `samples` chunks taken from `streams` in turn."""
     device = next(net.parameters()).device
     chunks = ValidationChunks(streams, ctx_len, samples)
     result = ValidationLoss(names, ctx_len, device)
