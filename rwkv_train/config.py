@@ -34,7 +34,9 @@ class DataConfig:
     micro_batch_size: int = 1
     """Samples per device per forward/backward."""
     global_batch_size: int = 1
-    """Samples per optimizer step over all devices; accumulation = global / (micro * ranks)."""
+    """Samples per optimizer step over all devices; accumulation = global / (micro * ranks).
+    May change at a resume: the data and the LR decay go on from the samples and tokens
+    consumed so far (rwkv_train/progress.py)."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process)."""
     val_samples: int = 64

@@ -34,6 +34,7 @@ from rwkv_train.optim import (
     build_optimizer,
     param_groups,
 )
+from rwkv_train.progress import Progress
 from rwkv_train.reshard import INFO_KEY as UNIVERSAL_INFO_KEY
 from rwkv_train.validation import ValidationLoss
 
@@ -194,9 +195,8 @@ class RWKVLitModule(L.LightningModule):
         self.accumulate = accumulate
         self.net: RWKV | None = None
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.ctx_len
-        self.schedule = LRSchedule.from_config(
-            cfg.optim, self.tokens_per_step, cfg.trainer.max_steps
-        )
+        self.progress = Progress.start(cfg.data.global_batch_size, cfg.data.ctx_len)
+        self.schedule = LRSchedule.from_config(cfg.optim, self.progress, cfg.trainer.max_steps)
         self.nonfinite_count = 0
         self.stop_reason: str | None = None
         self._rng_to_restore: dict[str, Any] | None = None
@@ -327,9 +327,7 @@ class RWKVLitModule(L.LightningModule):
         with another optim.lr_*, warmup, decay or trainer.max_steps would keep following the
         checkpoint's curve while its config.yaml said otherwise."""
         scheduler = self.lr_schedulers()
-        fresh = LRSchedule.from_config(
-            self.cfg.optim, self.tokens_per_step, self.cfg.trainer.max_steps
-        )
+        fresh = LRSchedule.from_config(self.cfg.optim, self.progress, self.cfg.trainer.max_steps)
         base_lrs = [g["lr"] for g in groups]  # lr_init x each group's lr_mult
         if fresh != self.schedule or base_lrs != scheduler.base_lrs:
             log.info(
@@ -363,7 +361,7 @@ class RWKVLitModule(L.LightningModule):
             "train/loss": loss,
             "optim/lr": self.cfg.optim.lr_init * self.schedule(step - 1),
             "optim/grad_norm": self._grad_norm,
-            "train/tokens_seen": step * self.tokens_per_step,
+            "train/tokens_seen": self.progress.tokens(step),
             "train/nonfinite_skipped": self.nonfinite_count,
         }
         if rates:
@@ -427,6 +425,42 @@ class RWKVLitModule(L.LightningModule):
             self._log_metrics(metrics, self.trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint state
+    def _continue_progress(self, step: int, extra: dict[str, Any]) -> None:
+        """Take the checkpoint's data phases up to `step`, and this config's batch and
+        context length from there on (a new phase if either changed)."""
+        d = self.cfg.data
+        phases = extra.get("phases")
+        if phases is None:  # checkpoints of older versions: one batch size throughout
+            batch = extra["consumed_samples"] // step if step else d.global_batch_size
+            phases = [(0, batch, d.ctx_len)]
+        saved = Progress.of(phases)
+        if saved.samples(step) != extra["consumed_samples"]:
+            raise ValueError(
+                f"the checkpoint's phases {phases} do not add up to the "
+                f"{extra['consumed_samples']} samples it consumed by step {step}"
+            )
+        self.progress = saved.resumed(step, d.global_batch_size, d.ctx_len)
+        if (d.global_batch_size, d.ctx_len) == (saved.batch, saved.ctx_len) or self.global_rank:
+            return
+        log.info(
+            "from step %d on: %d samples of %d tokens per step (the checkpoint's %d of %d); the "
+            "data continues at global sample %d and the LR schedule's count at %d tokens",
+            step,
+            d.global_batch_size,
+            d.ctx_len,
+            saved.batch,
+            saved.ctx_len,
+            saved.samples(step),
+            saved.tokens(step),
+        )
+        if d.ctx_len != saved.ctx_len:
+            log.warning(
+                "data.ctx_len changed from %d: samples are cut anew, and training goes on with "
+                "global sample %d of the new order, as if the run had read it from the start",
+                saved.ctx_len,
+                saved.samples(step),
+            )
+
     def _group_layout(self) -> list[list[Any]]:
         """The optimizer's parameter groups as (lr_mult, decayed, size): a resume needs the
         same, since optimizer states are matched to parameters by position."""
@@ -440,7 +474,8 @@ class RWKVLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rwkv_train"] = {
             "rng": rng_state(),
-            "consumed_samples": self.trainer.global_step * self.cfg.data.global_batch_size,
+            "consumed_samples": self.progress.samples(self.trainer.global_step),
+            "phases": [list(p) for p in self.progress.phases],
             "nonfinite_count": self.nonfinite_count,
             "model_config": architecture(self.model_cfg),
             "param_groups": self._group_layout(),
@@ -455,13 +490,7 @@ class RWKVLitModule(L.LightningModule):
                 "the checkpoint holds a different model config "
                 f"({extra['model_config']}); use another run_dir or resume=none"
             )
-        expected = checkpoint["global_step"] * self.cfg.data.global_batch_size
-        if extra["consumed_samples"] != expected:
-            raise ValueError(
-                f"checkpoint consumed {extra['consumed_samples']} samples but step "
-                f"{checkpoint['global_step']} x data.global_batch_size gives {expected}: "
-                "data.global_batch_size changed since it was saved"
-            )
+        self._continue_progress(checkpoint["global_step"], extra)
         saved_groups = extra.get("param_groups")  # absent from checkpoints of older versions
         groups = self._group_layout()
         if saved_groups is not None and saved_groups != groups:
@@ -478,7 +507,7 @@ class RWKVLitModule(L.LightningModule):
                 "sample %d of this data's order, as if the run had read it from the start "
                 "(the position of a sample is a function of its index and the data)",
                 saved_data,
-                expected,
+                self.progress.samples(checkpoint["global_step"]),
             )
         self.nonfinite_count = extra["nonfinite_count"]
         self._rng_to_restore = extra["rng"]

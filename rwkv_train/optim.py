@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rwkv_train.config import OptimConfig
+from rwkv_train.progress import Phase, Progress
 
 
 def param_groups(net: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -136,8 +137,9 @@ class LRSchedule:
     warmup: factor = s + (1 - s) * step / warmup_steps (the Finch-era reference, s = 0.2).
     cosine: lr = lr_init * [(1 + f)/2 + (1 - f)/2 * cos(pi p)], f = lr_final / lr_init,
     exponential: lr = lr_init * f**p, where p in [0, 1] is the fraction of `decay_tokens`
-    trained since the end of warmup. A function of the step alone: LambdaLR's saved step
-    restores it exactly, so a resumed run continues the curve instead of warming up again.
+    trained since the end of warmup (tokens counted through the run's `phases`, see
+    rwkv_train/progress.py). A function of the step alone: LambdaLR's saved step restores it
+    exactly, so a resumed run continues the curve instead of warming up again.
     """
 
     lr_init: float
@@ -145,14 +147,15 @@ class LRSchedule:
     warmup_steps: int
     warmup_start: float
     decay: str
-    tokens_per_step: int
     decay_tokens: int
+    phases: tuple[Phase, ...]
 
     def __call__(self, step: int) -> float:
         warm = 1.0
         if step < self.warmup_steps:
             warm = self.warmup_start + (1 - self.warmup_start) * step / self.warmup_steps
-        done = (step - self.warmup_steps) * self.tokens_per_step
+        progress = Progress(self.phases)
+        done = progress.tokens(step) - progress.tokens(self.warmup_steps)
         p = min(1.0, max(0.0, done / max(1, self.decay_tokens)))
         f = self.lr_final / self.lr_init
         if self.decay == "cosine":
@@ -164,19 +167,20 @@ class LRSchedule:
         return warm * d
 
     @classmethod
-    def from_config(cls, cfg: OptimConfig, tokens_per_step: int, max_steps: int) -> "LRSchedule":
+    def from_config(cls, cfg: OptimConfig, progress: Progress, max_steps: int) -> "LRSchedule":
         """The schedule of a run; decay ends at max_steps unless decay_tokens says otherwise."""
         decay_tokens = cfg.decay_tokens
         if decay_tokens is None:
-            decay_tokens = max(1, max_steps - cfg.warmup_steps) * tokens_per_step
+            end = max(max_steps, cfg.warmup_steps + 1)
+            decay_tokens = progress.tokens(end) - progress.tokens(cfg.warmup_steps)
         return cls(
             cfg.lr_init,
             cfg.lr_final,
             cfg.warmup_steps,
             cfg.warmup_start,
             cfg.decay,
-            tokens_per_step,
             decay_tokens,
+            progress.phases,
         )
 
 

@@ -166,6 +166,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         tc.data.micro_batch_size,
         plan.accumulate,
         tc.seed,
+        lambda step: module.progress.samples(step),
         tc.data.num_workers,
         tc.data.val_samples,
         run_dir / "sample_ids" if tc.data.record_sample_ids else None,

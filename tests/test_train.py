@@ -28,6 +28,7 @@ from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import read_metrics
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.optim import LRSchedule, param_groups
+from rwkv_train.progress import Progress
 from rwkv_train.train import train
 
 
@@ -252,21 +253,65 @@ def test_resume_follows_the_configs_lr_schedule(data: Path, tmp_path: Path) -> N
     ]
     assert len(lrs[0]) == len(lrs[1]) == 8
     assert lrs[0][4:] == pytest.approx(lrs[1][4:], rel=1e-12)
-    schedule = LRSchedule.from_config(resumed.cfg.optim, resumed.tokens_per_step, 8)
+    schedule = LRSchedule.from_config(resumed.cfg.optim, resumed.progress, 8)
     for group in resumed._optimizer.param_groups:  # what the optimizer stepped with last
         assert group["lr"] == pytest.approx(2e-3 * group["lr_mult"] * schedule(8), rel=1e-12)
 
 
+def test_resume_with_another_global_batch_goes_on_from_the_samples_consumed(
+    data: Path, tmp_path: Path
+) -> None:
+    """4 steps of G=2, then G=4: steps 5-8 read global samples 8-23, each once, in order; the
+    token count and the LR schedule go on from the first phase's, and a run resumed again
+    within the second phase repeats the same losses (a fixed decay_tokens keeps the schedule
+    independent of max_steps)."""
+    ids = ("data.micro_batch_size=1", "data.record_sample_ids=true", "checkpoint.every_n_steps=2")
+    ids = (*ids, "optim.decay_tokens=300")
+    first, second = ("trainer.max_steps=4", *ids), ("data.global_batch_size=4", *ids)
+    for name in ("a", "b"):
+        run(data, tmp_path / name, *first)
+    resumed = run(data, tmp_path / "a", "trainer.max_steps=8", *second)
+    run(data, tmp_path / "b", "trainer.max_steps=6", *second)
+    run(data, tmp_path / "b", "trainer.max_steps=8", *second)
+
+    assert resumed.progress.phases == ((0, 2, 16), (4, 4, 16))
+    for name in ("a", "b"):
+        recorded = (tmp_path / name / "sample_ids" / "rank0.txt").read_text().split()
+        assert [int(i) for i in recorded] == list(range(24))
+    rows = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["train/tokens_seen"] for r in rows] == [32, 64, 96, 128, 192, 256, 320, 384]
+    schedule = LRSchedule.from_config(resumed.cfg.optim, resumed.progress, 8)
+    lr = resumed.cfg.optim.lr_init
+    assert [r["optim/lr"] for r in rows[4:]] == pytest.approx(
+        [lr * schedule(s) for s in range(4, 8)], rel=1e-12
+    )
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_resume_with_a_longer_context_says_where_the_data_goes_on(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run(data, tmp_path, "trainer.max_steps=2")
+    with caplog.at_level(logging.INFO):
+        resumed = run(data, tmp_path, "trainer.max_steps=3", "data.ctx_len=32")
+    assert "data.ctx_len changed from 16" in caplog.text
+    assert resumed.progress.phases == ((0, 2, 16), (2, 2, 32))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert [r["train/tokens_seen"] for r in rows] == [32, 64, 128]
+
+
 def test_lr_schedule_warmup_decay_and_no_rewarm() -> None:
     cfg = OptimConfig(lr_init=1e-3, lr_final=1e-4, warmup_steps=10, warmup_start=0.2)
-    s = LRSchedule.from_config(cfg, tokens_per_step=100, max_steps=110)
+    s = LRSchedule.from_config(cfg, Progress.start(batch=10, ctx_len=10), max_steps=110)
     assert s(0) == pytest.approx(0.2)
     assert s(5) == pytest.approx(0.6)
     assert s(10) == pytest.approx(1.0)
     assert s(60) == pytest.approx((1 + 0.1) / 2)  # half way through the cosine
     assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
     exp = LRSchedule.from_config(
-        OptimConfig(lr_init=1e-3, lr_final=1e-5, warmup_steps=0, decay="exponential"), 1, 100
+        OptimConfig(lr_init=1e-3, lr_final=1e-5, warmup_steps=0, decay="exponential"),
+        Progress.start(1, 1),
+        100,
     )
     assert exp(50) == pytest.approx(0.1)
     # a LambdaLR restored from its state continues where it was

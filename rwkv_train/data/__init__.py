@@ -23,7 +23,9 @@
         g = s*G + m*(W*M) + r*M + b,
    so ranks read disjoint slices of every micro-step and the data position after step s is
    just (s + 1)*G (`sampler.py`). Resuming from a checkpoint at step S restarts the sampler
-   at S*G: the batches are bitwise those an uninterrupted run would have read.
+   at S*G: the batches are bitwise those an uninterrupted run would have read. A resume that
+   changes G goes on from the samples consumed so far instead (`rwkv_train/progress.py`):
+   g = g0 + (s - S)*G' + ..., no sample skipped or read twice.
 5. Validation reads the `val` shards' chunks in order, the same ones at every evaluation.
 """
 

@@ -1,7 +1,7 @@
 """The LightningDataModule: DataLoaders over the train mixture and the val shards."""
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ class TokenDataModule(L.LightningDataModule):
 
     The data position is not saved separately: `train_dataloader()` runs after Lightning has
     restored a checkpoint, so it reads the restored `trainer.global_step` and the sampler
-    continues at global sample global_step * G.
+    continues at global sample `first_sample(global_step)` (global_step * G while the
+    global batch has not changed, see rwkv_train/progress.py).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class TokenDataModule(L.LightningDataModule):
         micro_batch_size: int,
         accumulate: int,
         seed: int,
+        first_sample: Callable[[int], int],
         num_workers: int = 0,
         val_samples: int = 0,
         sample_ids_dir: Path | None = None,
@@ -70,6 +72,7 @@ class TokenDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.accumulate = accumulate
         self.seed = seed
+        self.first_sample = first_sample
         self.num_workers = num_workers
         self.val_samples = val_samples
         self.sample_ids_dir = sample_ids_dir
@@ -95,7 +98,7 @@ class TokenDataModule(L.LightningDataModule):
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        start = trainer.global_step if trainer is not None else 0
+        start = self.first_sample(trainer.global_step if trainer is not None else 0)
         return StepBatchSampler(self.micro_batch_size, world, rank, self.accumulate, start)
 
     def train_dataloader(self) -> DataLoader:
