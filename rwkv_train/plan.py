@@ -161,8 +161,13 @@ def recompute_options(
 
 
 def candidates(cfg: DictConfig, model: RWKVConfig) -> list[Estimate]:
-    """Every setting the config allows, cheapest first: no offload, low stage, the least
-    recomputation, big micro-batch."""
+    """Every setting the config allows, cheapest first: ZeRO-1 or 2 with the least
+    recomputation, then ZeRO-3, then offload; big micro-batches first within each.
+
+    Recomputation costs every step a third more compute. ZeRO-2's gradient reduce-scatters
+    overlap the backward, so it comes before ZeRO-1 with recomputation; ZeRO-3 gathers the
+    weights again in every forward and backward, so it comes after.
+    """
     pairs = settings(cfg.offload)
     if cfg.zero_stage is not None:
         pairs = [(s, o) for s, o in pairs if s == cfg.zero_stage]
@@ -172,10 +177,16 @@ def candidates(cfg: DictConfig, model: RWKVConfig) -> list[Estimate]:
         if cfg.micro_batch_size is not None
         else list(range(cfg.max_micro_batch, 0, -1))
     )
+
+    def rank(pair: tuple[int, str], option: tuple[int, bool]) -> tuple[int, int]:
+        stage, offload = pair
+        tier = 0 if stage < 3 and offload == "none" else 1 + settings(None).index(pair)
+        return tier, options.index(option)
+
+    ordered = sorted(((p, opt) for p in pairs for opt in options), key=lambda x: rank(*x))
     return [
         estimate(model, cfg.gpus, s, g, m, cfg.ctx_len, cfg.headroom_gb, o, seg)
-        for s, o in pairs
-        for seg, g in options
+        for (s, o), (seg, g) in ordered
         for m in micros
     ]
 

@@ -42,12 +42,12 @@ def test_plan_fits_a_long_context_only_in_segments(capsys: pytest.CaptureFixture
     assert main([*args, "zero_stage=2", "offload=false", "segment_len=0"]) == 1
     assert main([*args, "zero_stage=2", "offload=false", "segment_len=4096"]) == 0
     assert "trainer.segment_len=4096" in capsys.readouterr().out
-    # left to the planner: the longest segments that fit without block checkpointing (8192
-    # would need about 60 GB of activations), rather than offload or ZeRO-3
+    # left to the planner: the longest segments that fit without block checkpointing, rather
+    # than offload or ZeRO-3 (8192 fits only with ZeRO-2's partitioned gradients)
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "proposed: deepspeed=zero1 model.grad_checkpoint=false" in out
-    assert "trainer.segment_len=4096" in out
+    assert "proposed: deepspeed=zero2 model.grad_checkpoint=false" in out
+    assert "trainer.segment_len=8192" in out
     # whole samples of 4096 tokens fit: no segments proposed
     assert main(["model=finch_3b", "gpus=8", "gpu_mem_gb=80", "ctx_len=4096"]) == 0
     assert "segment_len" not in capsys.readouterr().out.split("proposed:")[1]
@@ -62,6 +62,19 @@ def test_recompute_options_least_recomputation_first() -> None:
     assert recompute_options(4096, True, None)[:2] == [(0, True), (2048, True)]
     assert recompute_options(65536, None, 0) == [(0, False), (0, True)]
     assert recompute_options(65536, False, 3000) == [(3000, False)]
+
+
+def test_plan_prefers_zero2_to_recomputing(capsys: pytest.CaptureFixture) -> None:
+    """Where ZeRO-2 fits with less recomputation than ZeRO-1, ZeRO-2 is proposed."""
+    args = ["model=finch_3b", "gpus=8"]
+    assert main([*args, "gpu_mem_gb=48"]) == 0
+    assert "proposed: deepspeed=zero2 model.grad_checkpoint=false" in capsys.readouterr().out
+    assert main([*args, "gpu_mem_gb=24"]) == 0  # ZeRO-1 fits only with checkpoints + segments
+    proposed = capsys.readouterr().out.split("proposed:")[1].splitlines()[0]
+    assert "deepspeed=zero2 model.grad_checkpoint=true" in proposed
+    assert "segment_len" not in proposed
+    assert main([*args, "gpu_mem_gb=48", "zero_stage=1"]) == 0
+    assert "proposed: deepspeed=zero1 model.grad_checkpoint=true" in capsys.readouterr().out
 
 
 def test_plan_proposes_a_fitting_setting(capsys: pytest.CaptureFixture) -> None:
