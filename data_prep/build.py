@@ -393,9 +393,26 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         k: v for k, v in fingerprint.items() if k not in ("tokenizer", "sources", "files")
     }
     manifest = make_manifest(tok_info, shards, sources, build_info)
-    write_json_atomic(out / MANIFEST, manifest)
     _summary(manifest)
+    _check_written(manifest, cfg.num_shards)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def _check_written(manifest: dict, num_shards: int) -> None:
+    """A build that wrote no document at all is an error (wrong text_key, wrong format...),
+    not an empty data folder that training refuses later; a source that wrote none is
+    named. One part of a cluster build may be empty, so parts are not checked."""
+    if num_shards > 1:
+        return
+    empty = [s["name"] for s in manifest["sources"] if s["documents_written"] == 0]
+    if empty and len(empty) == len(manifest["sources"]):
+        raise BuildError(
+            "no document was written (the counts above say why: check text_key and the "
+            "input format); no manifest was written"
+        )
+    if empty:
+        log.warning("no document written for source(s) %s", ", ".join(empty))
 
 
 def _run_source(

@@ -8,6 +8,7 @@ checkpoint, and fit.
 import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import hydra
@@ -229,7 +230,14 @@ def main(cfg: DictConfig) -> None:
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         with open_dict(cfg):  # each sweep job trains in its own deterministic folder
             cfg.run_dir = hc.runtime.output_dir
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as e:  # the message names the field: a traceback would bury it
+        log.error("%s", e)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,19 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+def test_a_build_that_writes_nothing_fails(tmp_path, caplog):
+    """Every record rejected (here: the text under another key) is an error, not an empty
+    data folder; a source that wrote nothing beside others that did is named."""
+    src = tmp_path / "body.jsonl"
+    src.write_text(json.dumps({"body": "a document"}) + "\n", encoding="utf-8")
+    with pytest.raises(BuildError, match="no document was written"):
+        build(cfg(tmp_path / "out", [src]))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    good = write_jsonl(tmp_path / "good.jsonl", docs(3))
+    build(cfg(tmp_path / "out2", [good, src]))
+    assert "no document written for source(s) body" in caplog.text
+
+
 def test_bad_inputs_are_counted_by_reason(tmp_path):
     cases = _bad_inputs(tmp_path / "in")
     manifest = build(cfg(tmp_path / "out", [p for p, _ in cases.values()]))
