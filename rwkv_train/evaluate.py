@@ -27,6 +27,8 @@ from rwkv_train.checkpoint import checkpoint_step
 from rwkv_train.data import load_manifest
 from rwkv_train.data.dataset import TokenStream, ValidationChunks
 from rwkv_train.data.loader import val_sources
+from rwkv_train.data.manifest import ManifestError
+from rwkv_train.export import resolve_checkpoint
 from rwkv_train.generate import load_model
 from rwkv_train.model import RWKV
 from rwkv_train.validation import ValidationLoss, summary
@@ -56,7 +58,7 @@ def evaluate(
 
 
 def model_step(path: Path) -> int | None:
-    """The optimizer step of a checkpoint (None for a .pth or a run folder)."""
+    """The optimizer step of a checkpoint (None for a .pth)."""
     try:
         return checkpoint_step(path)
     except ValueError:
@@ -80,13 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(m) for m in args.models if not m.exists()]
     if missing:
         p.error(f"no model at {', '.join(missing)}")
-    manifests = [load_manifest(d) for d in args.data]
+    try:
+        manifests = [load_manifest(d) for d in args.data]
+        # a run folder stands for its newest checkpoint, fixed here so the step is its own
+        sources = [m if m.suffix == ".pth" else resolve_checkpoint(m) for m in args.models]
+    except (ManifestError, FileNotFoundError) as e:
+        p.error(str(e))
     names, streams = val_sources(manifests, args.ctx_len)
     if not streams:
         p.error(f"no val shards with ctx_len+1 = {args.ctx_len + 1} tokens in {args.data}")
     vocab = max(m.vocab_size for m in manifests)
-    for path in args.models:
-        net = load_model(path).to(args.device)
+    for path, source in zip(args.models, sources, strict=True):
+        net = load_model(source).to(args.device)
         if net.cfg.vocab_size < vocab:
             p.error(f"{path} has {net.cfg.vocab_size} token ids, the data {vocab}")
         metrics = evaluate(
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {summary(metrics)}", flush=True)
         if args.json is not None:
             with args.json.open("a") as f:
-                row = {"model": str(path), "step": model_step(path), **metrics}
+                row = {"model": str(path), "step": model_step(source), **metrics}
                 f.write(json.dumps(row) + "\n")
         del net
     return 0

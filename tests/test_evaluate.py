@@ -65,15 +65,21 @@ def test_command_scores_checkpoints_and_a_pth(
     pth = export(run["run"], run["root"] / "final.pth")
     out = run["root"] / "eval.jsonl"
     common = ["--data", str(run["data"]), "--ctx-len", "80", "--samples", "5", "--json", str(out)]
-    assert main([*map(str, ckpts), str(pth), *common]) == 0
+    assert main([*map(str, ckpts), str(pth), str(run["run"]), *common]) == 0
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [2, 4, None]
+    assert [r["step"] for r in rows] == [2, 4, None, 4]  # the run folder: its newest, step 4
     want = logged(run["run"])
-    for row, step in zip(rows, (2, 4, 4), strict=True):
+    for row, step in zip(rows, (2, 4, 4, 4), strict=True):
         assert row["val/loss"] == pytest.approx(want[step]["val/loss"], rel=1e-4)
     printed = capsys.readouterr().out
     assert "final.pth: loss" in printed and "; a " in printed and "by position 00-63" in printed
     with pytest.raises(SystemExit):
         main([str(run["root"] / "nowhere"), *common])
+    (run["root"] / "empty_run").mkdir()
+    for bad in (["empty_run", *common], ["final.pth", "--data", str(run["root"])]):
+        with pytest.raises(SystemExit):  # no checkpoint; no manifest: a message, no traceback
+            main([str(run["root"] / bad[0]), *bad[1:]])
+    printed = capsys.readouterr().err
+    assert "no valid checkpoint in" in printed and "no manifest.json at" in printed
     with pytest.raises(SystemExit):  # no val chunk of 1000 tokens
         main([str(pth), "--data", str(run["data"]), "--ctx-len", "1000"])
