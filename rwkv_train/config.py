@@ -6,6 +6,7 @@ what only the data can tell: the data folder exists, ctx_len fits the data, the 
 divide, the model vocabulary covers the tokenizer. Every error names the field to change.
 """
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from rwkv_train.data.manifest import Manifest, ManifestError, load_manifest
+from rwkv_train.data.manifest import Manifest, ManifestError, load_manifest, split_by_source
 from rwkv_train.model import RWKVConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -28,7 +31,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: Any = None
-    """A data-prep folder, its manifest.json, or a list of {path, weight} to mix several."""
+    """A data-prep folder, its manifest.json, or a list of {path, weight} to mix several;
+    an entry's `sources: {name: multiplier}` reweights the sources of its build (DataEntry)."""
     ctx_len: int = 512
     """Tokens per sample (each sample reads ctx_len + 1)."""
     micro_batch_size: int = 1
@@ -230,25 +234,52 @@ def to_schema(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def data_sources(path: Any) -> list[tuple[str, float]]:
-    """`data.path` as a list of (path, weight)."""
+@dataclass
+class DataEntry:
+    """One entry of `data.path`: a data-prep folder, its share of the samples, and optional
+    multipliers of its sources' own proportions (rwkv_train/data/manifest.py
+    split_by_source), which make each source a stream of its own."""
+
+    path: str
+    weight: float = 1.0
+    sources: dict[str, float] | None = None
+
+    def record(self) -> list[Any]:
+        """What a checkpoint keeps of it, to tell a later resume that the data changed."""
+        return [self.path, self.weight] + ([self.sources] if self.sources is not None else [])
+
+
+def data_sources(path: Any) -> list[DataEntry]:
+    """`data.path`: a folder, or a list of folders and {path, weight, sources} entries."""
     if path is None or path == "":
         raise ConfigError("data.path", "not set: give a data-prep folder or its manifest.json")
     if isinstance(path, str | Path):
-        return [(str(path), 1.0)]
-    if isinstance(path, list | ListConfig):
-        out = []
-        for i, entry in enumerate(path):
-            if isinstance(entry, str):
-                out.append((entry, 1.0))
-            elif isinstance(entry, dict | DictConfig) and "path" in entry:
-                out.append((str(entry["path"]), float(entry.get("weight", 1.0))))
-            else:
-                raise ConfigError(
-                    f"data.path[{i}]", f"expected a path or {{path, weight}}, got {entry!r}"
-                )
-        return out
-    raise ConfigError("data.path", f"expected a path or a list of {{path, weight}}, got {path!r}")
+        return [DataEntry(str(path))]
+    if not isinstance(path, list | ListConfig):
+        raise ConfigError("data.path", f"expected a path or a list of entries, got {path!r}")
+    out = []
+    for i, entry in enumerate(path):
+        if isinstance(entry, str):
+            out.append(DataEntry(entry))
+            continue
+        if not isinstance(entry, dict | DictConfig) or "path" not in entry:
+            raise ConfigError(
+                f"data.path[{i}]", f"expected a path or {{path, weight, sources}}, got {entry!r}"
+            )
+        unknown = sorted(set(entry) - {"path", "weight", "sources"})
+        if unknown:
+            raise ConfigError(f"data.path[{i}]", f"unknown keys {unknown}: path, weight, sources")
+        sources = entry.get("sources")
+        if sources is not None and not isinstance(sources, dict | DictConfig):
+            raise ConfigError(
+                f"data.path[{i}].sources", f"expected {{source: multiplier}}, got {sources!r}"
+            )
+        try:
+            multipliers = None if sources is None else {str(k): float(sources[k]) for k in sources}
+            out.append(DataEntry(str(entry["path"]), float(entry.get("weight", 1.0)), multipliers))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data.path[{i}]", f"not a number: {e}") from None
+    return out
 
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
@@ -281,12 +312,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
     accumulate = d.global_batch_size // per_pass
 
     sources = []
-    for i, (path, weight) in enumerate(data_sources(d.path)):
+    for i, entry in enumerate(data_sources(d.path)):
         field_name = "data.path" if i == 0 and not isinstance(d.path, list) else f"data.path[{i}]"
-        if weight <= 0:
-            raise ConfigError(f"{field_name}.weight", f"must be positive, got {weight}")
+        if entry.weight <= 0:
+            raise ConfigError(f"{field_name}.weight", f"must be positive, got {entry.weight}")
         try:
-            manifest = load_manifest(path)
+            manifest = load_manifest(entry.path)
         except ManifestError as e:
             raise ConfigError(field_name, str(e)) from None
         if not manifest.train:
@@ -303,7 +334,23 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
                 f"{model.vocab_size} is smaller than the vocabulary of the data's tokenizer "
                 f"{manifest.tokenizer_name!r} ({manifest.vocab_size}) in {manifest.path}",
             )
-        sources.append(Source(manifest, weight))
+        if entry.sources is None:
+            sources.append(Source(manifest, entry.weight))
+            continue
+        try:
+            parts, short = split_by_source(manifest, entry.sources, d.ctx_len)
+        except ValueError as e:
+            raise ConfigError(f"{field_name}.sources", str(e)) from None
+        if not parts:
+            raise ConfigError(f"{field_name}.sources", "leaves no source to train on")
+        if short:
+            log.warning(
+                "%s: source(s) %s left out: fewer than ctx_len+1 = %d train tokens",
+                field_name,
+                ", ".join(short),
+                d.ctx_len + 1,
+            )
+        sources += [Source(part, entry.weight * share) for part, share in parts]
 
     t, o = tc.trainer, tc.optim
     if t.max_steps < 1:

@@ -469,7 +469,7 @@ class RWKVLitModule(L.LightningModule):
         return [[g["lr_mult"], g["weight_decay"] > 0, len(g["params"])] for g in groups]
 
     def _data_sources(self) -> list[list[Any]]:
-        return [[path, weight] for path, weight in data_sources(self.cfg.data.path)]
+        return [entry.record() for entry in data_sources(self.cfg.data.path)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rwkv_train"] = {

@@ -19,6 +19,7 @@ from rwkv_train.data import (
     global_index,
     load_manifest,
 )
+from rwkv_train.data.manifest import split_by_source
 
 CTX = 4
 
@@ -135,6 +136,29 @@ def test_batches_bit_identical_after_restart(tmp_path: Path, workers: int) -> No
     got = [next(it2) for _ in range(8)]
     for (x1, y1), (x2, y2) in zip(expected, got, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_split_by_source_weights_chunks_times_multipliers(tmp_path: Path) -> None:
+    doc = lambda n: np.array([*range(1, n), 0], dtype=np.uint16)  # noqa: E731
+    folder = write_data_folder(
+        tmp_path,
+        [[doc(161)], [doc(161)], [doc(81)], [doc(10)]],  # a: 20 chunks of 16, b: 5, c: none
+        {"a": [doc(40)], "c": [doc(40)]},
+        train_sources=["a", "a", "b", "c"],
+    )
+    m = load_manifest(folder)
+    parts, short = split_by_source(m, {"b": 2}, 16)
+    assert [(p.train_tokens, p.val.keys(), share) for p, share in parts] == [
+        (322, {"a"}, pytest.approx(2 / 3)),
+        (81, set(), pytest.approx(1 / 3)),
+    ]
+    assert short == ["c"] and len(parts[0][0].train) == 2
+    parts, _ = split_by_source(m, {"a": 0}, 16)  # left out
+    assert [p.train_tokens for p, _ in parts] == [81]
+    with pytest.raises(ValueError, match=r"no source \['zzz'\]"):
+        split_by_source(m, {"zzz": 1}, 16)
+    with pytest.raises(ValueError, match=">= 0"):
+        split_by_source(m, {"a": -1}, 16)
 
 
 def test_mixture_weights_and_dense_source_indices() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from train_utils import (
+    TINY,
     TINY_VOCAB,
     assert_matches_rwkv_package,
     compose_train,
@@ -21,7 +22,8 @@ from train_utils import (
 from rwkv_train import lit_module
 from rwkv_train.bptt import segmented_loss
 from rwkv_train.checkpoint import find_latest, list_checkpoints
-from rwkv_train.config import ConfigError, OptimConfig
+from rwkv_train.config import ConfigError, OptimConfig, validate
+from rwkv_train.data import ChunkDataset, TokenStream
 from rwkv_train.export import export, load_weights
 from rwkv_train.generate import generate_ids, load_model
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
@@ -140,6 +142,36 @@ def test_resume_refuses_other_optimizer_groups(data: Path, tmp_path: Path) -> No
         3,
         4,
     ]
+
+
+def test_one_build_reweighted_by_source(tmp_path: Path) -> None:
+    """`sources: {b: 3}` gives b three times its own share of one build's samples, each source
+    read as a stream of its own and validated under its own name; unknown keys are refused."""
+    docs = [markov_documents(30, 60, TINY_VOCAB, seed=s, chain=s) for s in (0, 1)]
+    val = {s: markov_documents(3, 60, TINY_VOCAB, seed=9, chain=i) for i, s in enumerate("ab")}
+    data = write_data_folder(
+        tmp_path / "data", [docs[0], docs[1][:10]], val, train_sources=["a", "b"]
+    )
+    path = f"data.path=[{{path: {data}, sources: {{b: 3}}}}]"
+    overrides = [*TINY, path, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2"]
+    plan = validate(compose_train(overrides))
+    chunks = [(30 * 61 - 1) // 16, (10 * 61 - 1) // 16]  # a: 114, b: 38
+    share_b = 3 * chunks[1] / (chunks[0] + 3 * chunks[1])
+    assert [s.weight for s in plan.sources] == pytest.approx([1 - share_b, share_b])
+    train(compose_train(overrides))
+    ds = ChunkDataset(
+        [TokenStream(s.manifest.train) for s in plan.sources], [1 - share_b, share_b], 16, 0
+    )
+    drawn = [ds.chunk_of(g)[0] for g in range(2000)]
+    assert drawn.count(1) / 2000 == pytest.approx(share_b, abs=2e-3)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {"val/loss/a", "val/loss/b"} <= set(rows[-1])
+    bad = [*TINY, f"data.path=[{{path: {data}, wieght: 2}}]", f"run_dir={tmp_path / 'x'}"]
+    with pytest.raises(ConfigError, match=r"data.path\[0\]: unknown keys \['wieght'\]"):
+        validate(compose_train(bad))
+    bad[-2] = f"data.path=[{{path: {data}, sources: {{c: 2}}}}]"
+    with pytest.raises(ConfigError, match=r"data.path\[0\].sources: no source \['c'\]"):
+        validate(compose_train(bad))
 
 
 def test_validation_measures_every_source_and_position(tmp_path: Path) -> None:

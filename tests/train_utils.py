@@ -60,15 +60,17 @@ def write_data_folder(
     val_docs: list[np.ndarray] | dict[str, list[np.ndarray]] | None = None,
     vocab_size: int = TINY_VOCAB,
     tokenizer: str = "test",
+    train_sources: list[str] | None = None,
 ) -> Path:
-    """A data-prep-style folder: one train shard per list in `train_docs`, optional val
-    shards (one, or one per named source), and a manifest.json with the keys data_prep.build
-    writes."""
+    """A data-prep-style folder: one train shard per list in `train_docs` (of the source
+    named in `train_sources`, default "synthetic"), optional val shards (one, or one per
+    named source), and a manifest.json with the keys data_prep.build writes."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
     if not isinstance(val_docs, dict):
         val_docs = {"synthetic": val_docs} if val_docs else {}
-    parts = [("train", "synthetic", docs) for docs in train_docs]
+    names = train_sources or ["synthetic"] * len(train_docs)
+    parts = [("train", name, docs) for name, docs in zip(names, train_docs, strict=True)]
     parts += [("val", source, docs) for source, docs in val_docs.items()]
     for i, (split, source, docs) in enumerate(parts):
         prefix = f"{split}_{i:03d}"

@@ -129,13 +129,15 @@ class TokenDataModule(L.LightningDataModule):
 
 def val_sources(manifests: list[Manifest], ctx_len: int) -> tuple[list[str], list[TokenStream]]:
     """(names, streams) of the sources with at least one validation sample: the source
-    names of one data folder, or "<folder>.<source>" when several are mixed."""
+    names of one data folder (whole or split by source), or "<folder>.<source>" when several
+    are mixed."""
     names: list[str] = []
     streams: list[TokenStream] = []
     short: list[str] = []
+    one_folder = len({m.path for m in manifests}) == 1
     for i, m in enumerate(manifests):
         for source, prefixes in m.val.items():
-            name = source if len(manifests) == 1 else f"{m.path.parent.name}.{source}"
+            name = source if one_folder else f"{m.path.parent.name}.{source}"
             if name in names:  # two folders of the same name
                 name = f"{name}.{i}"
             stream = TokenStream(prefixes)

@@ -67,15 +67,19 @@ class MixtureSchedule:
     """Maps a global sample index to (source, index within that source) by fixed weights.
 
     The weights become integer counts c_j over a period R = sum c_j (exact for rational
-    weights up to a resolution of 1/`resolution`). One period is laid out by smooth weighted
+    weights up to a resolution of 1/`resolution`: 1/1000, or 1/100000 for more than 10
+    sources, such as a build's components split by source, where shares under 1/1000 are
+    common and each source gets at least one count). One period is laid out by smooth weighted
     round robin, so sources interleave evenly instead of in long runs; the layout repeats.
     Sample g falls at position g mod R of period g // R; its source's own index is the number
     of earlier samples of that source, so every source is read densely as 0, 1, 2, ...
     """
 
-    def __init__(self, weights: Sequence[float], resolution: int = 1000) -> None:
+    def __init__(self, weights: Sequence[float], resolution: int | None = None) -> None:
         if not weights or any(not (w > 0) for w in weights):
             raise ValueError(f"mixture weights must be positive, got {list(weights)}")
+        if resolution is None:
+            resolution = 1000 if len(weights) <= 10 else 100_000
         counts = _integer_counts(weights, resolution)
         g = math.gcd(*counts)
         self.counts = [c // g for c in counts]
