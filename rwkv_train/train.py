@@ -172,6 +172,9 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         tc.data.val_samples,
         run_dir / "sample_ids" if tc.data.record_sample_ids else None,
     )
+    if rank_zero_only.rank == 0:
+        for line in data.mixture(tc.trainer.max_steps * tc.data.global_batch_size):
+            log.info("data: %s", line)
     ckpt = resume_from(plan, run_dir)
     load_path = ckpt
     form = None if ckpt is None else resume_form(ckpt, plan.world_size, tc.deepspeed.stage)

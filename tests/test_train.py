@@ -144,21 +144,24 @@ def test_resume_refuses_other_optimizer_groups(data: Path, tmp_path: Path) -> No
     ]
 
 
-def test_one_build_reweighted_by_source(tmp_path: Path) -> None:
-    """`sources: {b: 3}` gives b three times its own share of one build's samples, each source
-    read as a stream of its own and validated under its own name; unknown keys are refused."""
+def test_one_build_reweighted_by_source(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`sources: {b: 2}` gives b twice its own share of one build's samples, each source read
+    as a stream of its own and validated under its own name, the realised mix logged at the
+    start; unknown keys are refused."""
     docs = [markov_documents(30, 60, TINY_VOCAB, seed=s, chain=s) for s in (0, 1)]
     val = {s: markov_documents(3, 60, TINY_VOCAB, seed=9, chain=i) for i, s in enumerate("ab")}
     data = write_data_folder(
         tmp_path / "data", [docs[0], docs[1][:10]], val, train_sources=["a", "b"]
     )
-    path = f"data.path=[{{path: {data}, sources: {{b: 3}}}}]"
+    path = f"data.path=[{{path: {data}, sources: {{b: 2}}}}]"
     overrides = [*TINY, path, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2"]
     plan = validate(compose_train(overrides))
     chunks = [(30 * 61 - 1) // 16, (10 * 61 - 1) // 16]  # a: 114, b: 38
-    share_b = 3 * chunks[1] / (chunks[0] + 3 * chunks[1])
-    assert [s.weight for s in plan.sources] == pytest.approx([1 - share_b, share_b])
-    train(compose_train(overrides))
+    share_b = 2 * chunks[1] / (chunks[0] + 2 * chunks[1])
+    assert [s.weight for s in plan.sources] == pytest.approx([0.6, 0.4]) and share_b == 0.4
+    with caplog.at_level(logging.INFO):
+        train(compose_train(overrides))
+    assert "data: data/b: 40.00% of samples, 610 tokens, 0.0421 epochs in 4 samples" in caplog.text
     ds = ChunkDataset(
         [TokenStream(s.manifest.train) for s in plan.sources], [1 - share_b, share_b], 16, 0
     )

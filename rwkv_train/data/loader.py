@@ -84,6 +84,23 @@ class TokenDataModule(L.LightningDataModule):
             val_sources(manifests, ctx_len) if val_samples else ([], [])
         )
 
+    def mixture(self, samples: int) -> list[str]:
+        """One line per train stream: its realised share of the samples, its tokens and how
+        many epochs of it `samples` samples read, to check a mix before a long run."""
+        paths = [m.path for m in self.manifests]
+        lines = []
+        for j, m in enumerate(self.manifests):
+            name = m.path.parent.name
+            if paths.count(m.path) > 1:  # one source of a build split by source
+                name += "/" + ",".join(m.train_tokens_by_source())
+            share = self.train_set.schedule.fractions[j]
+            epochs = samples * share / self.train_set.n_chunks[j]
+            lines.append(
+                f"{name}: {share:.2%} of samples, {m.train_tokens:,} tokens, "
+                f"{epochs:.3g} epochs in {samples:,} samples"
+            )
+        return lines
+
     def _loader_kwargs(self) -> dict:
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return {
