@@ -25,6 +25,7 @@ from torch import Tensor
 
 from rwkv_train.bptt import segmented_loss
 from rwkv_train.config import TrainConfig, data_sources
+from rwkv_train.data.manifest import load_manifest
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.optim import (
@@ -206,6 +207,7 @@ class RWKVLitModule(L.LightningModule):
         self._throughput = Throughput()
         self._optimizer: torch.optim.Optimizer | None = None
         self._val: ValidationLoss | None = None
+        self._fingerprints: list[str] | None = None
 
     # ------------------------------------------------------------------ model
     def _zero_stage(self) -> int:
@@ -471,6 +473,13 @@ class RWKVLitModule(L.LightningModule):
     def _data_sources(self) -> list[list[Any]]:
         return [entry.record() for entry in data_sources(self.cfg.data.path)]
 
+    def _data_fingerprints(self) -> list[str]:
+        """Of each data folder's shards: tells a folder rebuilt in place from the same one."""
+        if self._fingerprints is None:
+            entries = data_sources(self.cfg.data.path)
+            self._fingerprints = [load_manifest(e.path).fingerprint for e in entries]
+        return self._fingerprints
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rwkv_train"] = {
             "rng": rng_state(),
@@ -480,6 +489,7 @@ class RWKVLitModule(L.LightningModule):
             "model_config": architecture(self.model_cfg),
             "param_groups": self._group_layout(),
             "data": self._data_sources(),
+            "data_fingerprints": self._data_fingerprints(),
         }
         checkpoint[UNIVERSAL_INFO_KEY] = {}  # lets a ZeRO checkpoint be resharded (reshard.py)
 
@@ -501,12 +511,19 @@ class RWKVLitModule(L.LightningModule):
                 "resume with the settings it was written with"
             )
         saved_data = extra.get("data")  # absent from checkpoints of older versions
-        if saved_data is not None and saved_data != self._data_sources() and self.global_rank == 0:
+        saved_prints = extra.get("data_fingerprints")
+        if saved_data is not None and saved_data != self._data_sources():
+            changed = f"data.path differs from the checkpoint's {saved_data}"
+        elif saved_prints is not None and saved_prints != self._data_fingerprints():
+            changed = "the data folders were rebuilt since the checkpoint (their shards differ)"
+        else:
+            changed = ""
+        if changed and self.global_rank == 0:
             log.warning(
-                "data.path differs from the checkpoint's %s: training goes on with global "
-                "sample %d of this data's order, as if the run had read it from the start "
-                "(the position of a sample is a function of its index and the data)",
-                saved_data,
+                "%s: training goes on with global sample %d of this data's order, as if the "
+                "run had read it from the start (the position of a sample is a function of "
+                "its index and the data)",
+                changed,
                 self.progress.samples(checkpoint["global_step"]),
             )
         self.nonfinite_count = extra["nonfinite_count"]

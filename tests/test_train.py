@@ -275,6 +275,21 @@ def test_resume_from_another_run_or_a_copied_checkpoint(
         run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={src / 'config.yaml'}")
 
 
+def test_resume_warns_when_the_data_was_rebuilt_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tiny_data(tmp_path / "data")
+    run(data, tmp_path / "run", "trainer.max_steps=2", "checkpoint.every_n_steps=1")
+    with caplog.at_level(logging.WARNING):
+        run(data, tmp_path / "run", "trainer.max_steps=3", "checkpoint.every_n_steps=1")
+    assert "rebuilt" not in caplog.text and "differs" not in caplog.text
+    tiny_data(tmp_path / "data", seed=5)  # same folder, other shards
+    with caplog.at_level(logging.WARNING):
+        run(data, tmp_path / "run", "trainer.max_steps=4")
+    assert "the data folders were rebuilt since the checkpoint" in caplog.text
+    assert "global sample 6 of this data's order" in caplog.text
+
+
 def test_resume_follows_the_configs_lr_schedule(data: Path, tmp_path: Path) -> None:
     """A run extended at a resume (max_steps 4 -> 8, another lr_init) follows the schedule of
     its config, as a run started with it would, not the one saved in the checkpoint."""

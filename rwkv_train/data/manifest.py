@@ -1,5 +1,6 @@
 """Reading a data-prep manifest: which shards hold the train and validation tokens, by source."""
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ class Manifest:
     tokenizer_name: str
     vocab_size: int
     shards: tuple[Shard, ...] = ()  # in manifest order
+    fingerprint: str = ""  # of the shard records (names, sizes, checksums): the data itself
 
     @property
     def train(self) -> list[Path]:
@@ -87,11 +89,13 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ManifestError(f"{p}: shard {shard.get('prefix')} has unknown split {split!r}")
         source = str(shard.get("source", "data"))
         shards.append(Shard(p.parent / shard["prefix"], source, split, int(shard.get("tokens", 0))))
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
     return Manifest(
         path=p,
         tokenizer_name=str(tok.get("name", "")),
         vocab_size=int(tok["vocab_size"]),
         shards=tuple(shards),
+        fingerprint=digest[:16],
     )
 
 
