@@ -95,9 +95,15 @@ class OptimConfig:
     warmup_start: float = 0.2
     """LR factor at step 0, rising linearly to 1 at warmup_steps (the Finch-era 0.2)."""
     decay: str = "cosine"
-    """"cosine" or "exponential" over tokens from the end of warmup, or "constant"."""
+    """"cosine", "exponential" or "linear" over tokens from the end of warmup (or from
+    decay_start_tokens), or "constant"."""
     decay_tokens: int | None = None
-    """Tokens over which lr decays to lr_final (after warmup); null = until trainer.max_steps."""
+    """Tokens over which lr decays to lr_final; null = until trainer.max_steps."""
+    decay_start_tokens: int = 0
+    """Hold lr_init until the run has trained this many tokens (as train/tokens_seen counts
+    them), then decay: warmup-stable-decay. A run held at a constant rate (decay=constant)
+    can be annealed from any of its checkpoints by resuming it with decay=linear,
+    decay_start_tokens = its train/tokens_seen there, and the trainer.max_steps to end at."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -357,8 +363,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
         raise ConfigError("trainer.max_steps", "must be at least 1")
     if t.segment_len < 0:
         raise ConfigError("trainer.segment_len", "must be 0 (whole samples) or a token count")
-    if o.decay not in ("cosine", "exponential", "constant"):
-        raise ConfigError("optim.decay", f"{o.decay!r} is not cosine, exponential or constant")
+    if o.decay not in ("cosine", "exponential", "linear", "constant"):
+        raise ConfigError(
+            "optim.decay", f"{o.decay!r} is not cosine, exponential, linear or constant"
+        )
+    if o.decay_start_tokens < 0:
+        raise ConfigError("optim.decay_start_tokens", "must be >= 0")
     if o.lr_init <= 0 or o.lr_final <= 0:
         raise ConfigError("optim.lr_final" if o.lr_init > 0 else "optim.lr_init", "must be > 0")
     if not 0 <= o.warmup_start <= 1:

@@ -132,14 +132,17 @@ def apply_group_settings(
 
 @dataclass
 class LRSchedule:
-    """lr(step) / lr_init: linear warmup from `warmup_start`, then decay over tokens.
+    """lr(step) / lr_init: linear warmup from `warmup_start`, lr_init until
+    `decay_start_tokens` have been trained, then decay over tokens.
 
     warmup: factor = s + (1 - s) * step / warmup_steps (the Finch-era reference, s = 0.2).
     cosine: lr = lr_init * [(1 + f)/2 + (1 - f)/2 * cos(pi p)], f = lr_final / lr_init,
-    exponential: lr = lr_init * f**p, where p in [0, 1] is the fraction of `decay_tokens`
-    trained since the end of warmup (tokens counted through the run's `phases`, see
-    rwkv_train/progress.py). A function of the step alone: LambdaLR's saved step restores it
-    exactly, so a resumed run continues the curve instead of warming up again.
+    exponential: lr = lr_init * f**p, linear: lr = lr_init * (1 - (1 - f) p), where p in
+    [0, 1] is the fraction of `decay_tokens` trained since the decay began: at the end of
+    warmup or at `decay_start_tokens`, whichever is later (tokens counted through the run's
+    `phases`, see rwkv_train/progress.py).
+    A function of the step alone: LambdaLR's saved step restores it exactly, so a resumed
+    run continues the curve instead of warming up again.
     """
 
     lr_init: float
@@ -149,19 +152,23 @@ class LRSchedule:
     decay: str
     decay_tokens: int
     phases: tuple[Phase, ...]
+    decay_start_tokens: int = 0
 
     def __call__(self, step: int) -> float:
         warm = 1.0
         if step < self.warmup_steps:
             warm = self.warmup_start + (1 - self.warmup_start) * step / self.warmup_steps
         progress = Progress(self.phases)
-        done = progress.tokens(step) - progress.tokens(self.warmup_steps)
+        start = max(progress.tokens(self.warmup_steps), self.decay_start_tokens)
+        done = progress.tokens(step) - start
         p = min(1.0, max(0.0, done / max(1, self.decay_tokens)))
         f = self.lr_final / self.lr_init
         if self.decay == "cosine":
             d = (1 + f) / 2 + (1 - f) / 2 * math.cos(math.pi * p)
         elif self.decay == "exponential":
             d = f**p
+        elif self.decay == "linear":
+            d = 1 - (1 - f) * p
         else:
             d = 1.0
         return warm * d
@@ -171,8 +178,8 @@ class LRSchedule:
         """The schedule of a run; decay ends at max_steps unless decay_tokens says otherwise."""
         decay_tokens = cfg.decay_tokens
         if decay_tokens is None:
-            end = max(max_steps, cfg.warmup_steps + 1)
-            decay_tokens = progress.tokens(end) - progress.tokens(cfg.warmup_steps)
+            start = max(progress.tokens(cfg.warmup_steps), cfg.decay_start_tokens)
+            decay_tokens = max(1, progress.tokens(max_steps) - start)
         return cls(
             cfg.lr_init,
             cfg.lr_final,
@@ -181,6 +188,7 @@ class LRSchedule:
             cfg.decay,
             decay_tokens,
             progress.phases,
+            cfg.decay_start_tokens,
         )
 
 

@@ -43,3 +43,22 @@ def test_lr_decay_counts_tokens_across_a_batch_change() -> None:
     ends = LRSchedule.from_config(cfg, Progress.start(2, 10).resumed(5, 4, 10), max_steps=10)
     assert ends.decay_tokens == 3 * 20 + 5 * 40
     assert ends(9) > 0.0 and ends(10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_stable_decay_and_an_anneal_from_a_constant_run() -> None:
+    """100 tokens a step: warmup to step 2, lr_init to 500 tokens (step 5), linear to lr_final
+    at max_steps. A run held constant and resumed at step 6 with decay_start_tokens = its 600
+    tokens seen continues without a jump and anneals to lr_final."""
+    wsd = OptimConfig(lr_init=1.0, lr_final=0.1, warmup_steps=2, decay="linear")
+    wsd.decay_start_tokens = 500
+    s = LRSchedule.from_config(wsd, Progress.start(10, 10), max_steps=10)
+    assert s(1) == pytest.approx(0.6) and s(2) == s(5) == 1.0
+    assert s(7) == pytest.approx(1 - 0.9 * 2 / 5)
+    assert s(10) == pytest.approx(0.1) and s(20) == pytest.approx(0.1)
+    const = OptimConfig(lr_init=1.0, warmup_steps=2, decay="constant")
+    held = LRSchedule.from_config(const, Progress.start(10, 10), max_steps=1000)
+    anneal = OptimConfig(lr_init=1.0, lr_final=0.1, warmup_steps=2, decay="linear")
+    anneal.decay_start_tokens = 600
+    annealed = LRSchedule.from_config(anneal, Progress.start(10, 10), max_steps=9)
+    assert [annealed(t) for t in range(7)] == [held(t) for t in range(7)]
+    assert annealed(9) == pytest.approx(0.1) and 0.1 < annealed(8) < 1.0
