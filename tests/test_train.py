@@ -350,6 +350,19 @@ def test_resume_with_a_longer_context_says_where_the_data_goes_on(
     assert [r["train/tokens_seen"] for r in rows] == [32, 64, 128]
 
 
+def test_constant_run_annealed_from_a_checkpoint(data: Path, tmp_path: Path) -> None:
+    """4 steps at a constant rate (128 tokens), then resumed with decay=linear from there to
+    step 8: the rate goes on unchanged at step 5 and falls linearly towards lr_final."""
+    run(data, tmp_path, "trainer.max_steps=4", "optim.decay=constant")
+    anneal = ("optim.decay=linear", "optim.decay_start_tokens=128", "optim.lr_final=1e-4")
+    lr = run(data, tmp_path, "trainer.max_steps=8", *anneal).cfg.optim.lr_init
+    lrs = [r["optim/lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "optim/lr" in r]
+    f = 1e-4 / lr
+    assert lrs[2:] == pytest.approx(
+        [lr, lr] + [lr * (1 - (1 - f) * p) for p in (0, 0.25, 0.5, 0.75)]
+    )
+
+
 def test_lr_schedule_warmup_decay_and_no_rewarm() -> None:
     cfg = OptimConfig(lr_init=1e-3, lr_final=1e-4, warmup_steps=10, warmup_start=0.2)
     s = LRSchedule.from_config(cfg, Progress.start(batch=10, ctx_len=10), max_steps=110)
