@@ -48,6 +48,10 @@ class DataConfig:
     chunks of every source's val shards, taken from each source in turn and split over the
     ranks. Logged as val/loss (all of them), val/loss/<source> (with several sources) and
     val/loss_by_pos/<first>-<last> (rwkv_train/validation.py)."""
+    val_path: Any = None
+    """Data-prep folders whose val shards validation measures instead of those of `path`
+    (a folder or a list): a fixed yardstick while the training mix changes (an anneal, a
+    reweighting), so the val curves of all phases compare."""
     record_sample_ids: bool = False
     """Debugging: append the global sample indices each rank trains on to
     run_dir/sample_ids/rank{R}.txt (one micro-batch a line, as training takes it), to check
@@ -220,6 +224,7 @@ class Plan:
     cfg: TrainConfig
     model: RWKVConfig
     sources: list[Source]
+    val: list[Manifest]  # whose val shards are validated on
     accumulate: int
     world_size: int
     init_from: str | None = None
@@ -407,4 +412,29 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
         raise ConfigError("model.init_from", f"no file at {init_from}")
     if model.ctx_len != d.ctx_len:
         model = RWKVConfig.from_dict({**model.to_dict(), "ctx_len": d.ctx_len})
-    return Plan(tc, model, sources, accumulate, world_size, init_from)
+    val = [s.manifest for s in sources] if d.val_path is None else _val_manifests(d, model)
+    return Plan(tc, model, sources, val, accumulate, world_size, init_from)
+
+
+def _val_manifests(d: DataConfig, model: RWKVConfig) -> list[Manifest]:
+    """The manifests named by data.val_path, which must hold val shards of the model's
+    vocabulary."""
+    paths = d.val_path if isinstance(d.val_path, list | ListConfig) else [d.val_path]
+    out = []
+    for i, path in enumerate(paths):
+        name = "data.val_path" if len(paths) == 1 else f"data.val_path[{i}]"
+        if not isinstance(path, str | Path):
+            raise ConfigError(name, f"expected a data-prep folder, got {path!r}")
+        try:
+            manifest = load_manifest(path)
+        except ManifestError as e:
+            raise ConfigError(name, str(e)) from None
+        if not manifest.val:
+            raise ConfigError(name, f"{manifest.path} has no val shards")
+        if model.vocab_size < manifest.vocab_size:
+            raise ConfigError(
+                name, f"its tokenizer has {manifest.vocab_size} ids, model.vocab_size "
+                f"{model.vocab_size}",
+            )  # fmt: skip
+        out.append(manifest)
+    return out

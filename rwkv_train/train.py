@@ -171,6 +171,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         tc.data.num_workers,
         tc.data.val_samples,
         run_dir / "sample_ids" if tc.data.record_sample_ids else None,
+        plan.val,
     )
     if rank_zero_only.rank == 0:
         for line in data.mixture(tc.trainer.max_steps * tc.data.global_batch_size):

@@ -23,7 +23,9 @@ from rwkv_train import lit_module
 from rwkv_train.bptt import segmented_loss
 from rwkv_train.checkpoint import find_latest, list_checkpoints
 from rwkv_train.config import ConfigError, OptimConfig, validate
-from rwkv_train.data import ChunkDataset, TokenStream
+from rwkv_train.data import ChunkDataset, TokenStream, load_manifest
+from rwkv_train.data.loader import val_sources
+from rwkv_train.evaluate import evaluate
 from rwkv_train.export import export, load_weights
 from rwkv_train.generate import generate_ids, load_model
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
@@ -208,6 +210,21 @@ def test_validation_measures_every_source_and_position(tmp_path: Path) -> None:
     every = np.stack(a + b)
     assert record["val/loss_by_pos/00-63"] == pytest.approx(every[:, :64].mean(), rel=1e-5)
     assert record["val/loss_by_pos/64-79"] == pytest.approx(every[:, 64:].mean(), rel=1e-5)
+
+
+def test_validation_on_another_folder(data: Path, tmp_path: Path) -> None:
+    """data.val_path measures that folder's val shards, not the training data's: the logged
+    figures are evaluate()'s of the final model on it."""
+    val = {"x": markov_documents(3, 60, TINY_VOCAB, seed=4, chain=2)}
+    other = write_data_folder(tmp_path / "yardstick", [val["x"]], val)
+    module = run(data, tmp_path / "run", "trainer.max_steps=2", f"data.val_path={other}")
+    (record,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r]
+    names, streams = val_sources([load_manifest(other)], 16)
+    want = evaluate(module.net.eval(), names, streams, ctx_len=16, samples=4)
+    assert want["val/loss"] == pytest.approx(record["val/loss"], rel=1e-5)
+    no_val = write_data_folder(tmp_path / "no_val", [val["x"]])
+    with pytest.raises(ConfigError, match=r"data.val_path: .* has no val shards"):
+        run(data, tmp_path / "bad", f"data.val_path={no_val}")
 
 
 def test_checkpoints_keep_last_and_resume_auto(

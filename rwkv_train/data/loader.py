@@ -64,6 +64,7 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_samples: int = 0,
         sample_ids_dir: Path | None = None,
+        val_manifests: list[Manifest] | None = None,
     ) -> None:
         super().__init__()
         self.manifests = manifests
@@ -81,7 +82,7 @@ class TokenDataModule(L.LightningDataModule):
             [TokenStream(m.train) for m in manifests], weights, ctx_len, seed
         )
         self.val_names, self.val_streams = (
-            val_sources(manifests, ctx_len) if val_samples else ([], [])
+            val_sources(val_manifests or manifests, ctx_len) if val_samples else ([], [])
         )
 
     def mixture(self, samples: int) -> list[str]:
