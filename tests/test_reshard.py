@@ -24,6 +24,7 @@ from train_utils import train_overrides
 
 from rwkv_train.checkpoint import find_latest, resume_form
 from rwkv_train.config import OptimConfig
+from rwkv_train.metrics import read_metrics
 from rwkv_train.reshard import STAGE12, universal_from_single, universal_path
 from rwkv_train.train import compose_config, train
 
@@ -118,6 +119,27 @@ def test_resume_on_one_rank_from_an_odd_step_keeps_the_step_boundaries(
     got, want = history(run_dir), history(zero_runs["zero2"])
     assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
     assert got[3][1] == pytest.approx(want[3][1], abs=1e-5)
+
+
+def test_resume_on_one_rank_with_another_global_batch(
+    zero_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The two-rank run's step-2 checkpoint (4 samples read) continued on one rank with a
+    global batch of 3: steps 3 and 4 read samples 4-9, in order, and count their tokens."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for suffix in (".ckpt", ".json"):
+        src = zero_runs["zero2"] / "checkpoints" / f"step00000002{suffix}"
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, run_dir / "checkpoints" / src.name)
+    overrides = train_overrides(
+        zero_runs["data"], run_dir, *SAME, *SMALL_BUCKETS, "trainer.devices=1", "deepspeed=zero2",
+        "data.global_batch_size=3", "trainer.max_steps=4", "data.record_sample_ids=true",
+    )  # fmt: skip
+    launch([sys.executable, "-m", "rwkv_train.train", *overrides], zero_runs["root"])
+    ids = (run_dir / "sample_ids" / "rank0.txt").read_text().split()
+    assert [int(i) for i in ids] == list(range(4, 10))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["train/tokens_seen"] for r in rows if "train/loss" in r] == [112, 160]  # 4+3, +3
 
 
 def test_reshard_command_converts_a_checkpoint_saved_without_the_universal_key(
