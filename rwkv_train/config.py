@@ -19,6 +19,8 @@ from rwkv_train.model import RWKVConfig
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")  # what the trainer is tested with
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the field's dotted name."""
@@ -364,6 +366,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
         sources += [Source(part, entry.weight * share) for part, share in parts]
 
     t, o = tc.trainer, tc.optim
+    if t.precision not in PRECISIONS:
+        raise ConfigError(
+            "trainer.precision",
+            f"{t.precision!r}: RWKV trains in bf16-mixed (GPU) or 32-true; fp16 overflows "
+            "its exponentials and the WKV kernels take bf16 or float32",
+        )
     if t.max_steps < 1:
         raise ConfigError("trainer.max_steps", "must be at least 1")
     if t.segment_len < 0:

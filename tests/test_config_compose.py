@@ -117,6 +117,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("+deepspeed.offload_params=true", "deepspeed.offload_params"),
         ("deepspeed=zero3 model.compile=true", "model.compile"),
         ("trainer.segment_len=-1", "trainer.segment_len"),
+        ("trainer.precision=16-mixed", "trainer.precision"),
     ],
 )
 def test_bad_config_names_the_field(data: Path, tmp_path: Path, override: str, field: str) -> None:

@@ -143,7 +143,7 @@ def test_split_by_source_weights_chunks_times_multipliers(tmp_path: Path) -> Non
     folder = write_data_folder(
         tmp_path,
         [[doc(161)], [doc(161)], [doc(81)], [doc(10)]],  # a: 20 chunks of 16, b: 5, c: none
-        {"a": [doc(40)], "c": [doc(40)]},
+        {"a": [doc(40)], "c": [doc(40)], "v": [doc(40)]},  # v: val shards only
         train_sources=["a", "a", "b", "c"],
     )
     m = load_manifest(folder)
@@ -155,8 +155,9 @@ def test_split_by_source_weights_chunks_times_multipliers(tmp_path: Path) -> Non
     assert short == ["c"] and len(parts[0][0].train) == 2
     parts, _ = split_by_source(m, {"a": 0}, 16)  # left out
     assert [p.train_tokens for p, _ in parts] == [81]
-    with pytest.raises(ValueError, match=r"no source \['zzz'\]"):
-        split_by_source(m, {"zzz": 1}, 16)
+    for name in ("zzz", "v"):
+        with pytest.raises(ValueError, match=rf"no source \['{name}'\] with train shards"):
+            split_by_source(m, {name: 1}, 16)
     with pytest.raises(ValueError, match=">= 0"):
         split_by_source(m, {"a": -1}, 16)
 

@@ -108,10 +108,11 @@ def split_by_source(
     epoch when the others do. Returns the parts and the sources left out for having no
     chunk of ctx_len+1 tokens."""
     tokens = manifest.train_tokens_by_source()
-    names = set(tokens) | set(manifest.val)
-    unknown = sorted(set(multipliers) - names)
+    unknown = sorted(set(multipliers) - set(tokens))
     if unknown:
-        raise ValueError(f"no source {unknown} in {manifest.path}; it has {sorted(names)}")
+        raise ValueError(
+            f"no source {unknown} with train shards in {manifest.path}; it has {sorted(tokens)}"
+        )
     bad = {s: m for s, m in multipliers.items() if not m >= 0}
     if bad:
         raise ValueError(f"source multipliers must be >= 0, got {bad}")
