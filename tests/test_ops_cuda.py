@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from rwkv_train.ops import fused, loader
+from rwkv_train.ops import fused, loader, segments
 from rwkv_train.ops.testing import FUSED_BOUNDS, assert_within, compare, make_case
 
 pytestmark = pytest.mark.gpu
@@ -65,6 +65,20 @@ def test_wkv6_long(cuda_ops, T, dtype):
 def test_wkv5_long(cuda_ops, dtype):
     case = make_case("wkv5", B=2, T=4096, H=2, dtype=dtype, device="cuda", seed=3)
     _check(compare(case, fused.wkv5), LONG_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", ["wkv6", "wkv5"])
+@pytest.mark.parametrize("n", [4, 16])
+def test_time_segments_match_reference(cuda_ops, op, n, dtype):
+    """ops/segments.py's two kernel passes each way, forced into n segments (the tuned rule
+    may choose none at a shape): output, final state and every gradient against float64."""
+    case = make_case(op, B=1, T=4096, H=2, dtype=dtype, device="cuda", seed=n)
+
+    def split(r, k, v, w, u, s0):
+        return segments.wkv56(r, k, v, w, u, s0, n, op == "wkv5")
+
+    _check(compare(case, split), LONG_TOL[dtype])
 
 
 @pytest.mark.parametrize("N", [32, 128])
