@@ -1,20 +1,28 @@
-"""Pre-emption under Slurm: save a checkpoint on a warning signal, stop, and let the job requeue.
+"""Pre-emption and termination: save a checkpoint on a signal, stop, and say how to go on.
 
 One mechanism, ours, not Lightning's. Lightning's SLURM auto-requeue saves an `hpc_ckpt_*.ckpt`
 that `resume=auto` does not look for and requeues from inside a rank, so it is turned off
-(`SLURMEnvironment(auto_requeue=False)`, see `slurm_plugins`). Instead:
+(`SLURMEnvironment(auto_requeue=False)`, see `slurm_plugins`); and Lightning's own SIGTERM
+handler ends the fit at the next batch without a checkpoint and with exit code 0, so ours
+replaces it for the length of the training loop. Two signals, two outcomes:
 
-1. `slurm/train.sbatch` asks for `--signal=B:USR1@LEAD` (LEAD from `python -m rwkv_train.plan`,
-   the checkpoint's write time) and forwards the signal it receives to `srun`, which passes it
-   to every rank.
-2. `PreemptionCallback` only sets a flag in the signal handler. After every optimizer step the
-   ranks all-reduce that flag, so they agree on one stop step even when the signal reaches them
-   during different steps; a ZeRO checkpoint needs every rank to write its partition of the
-   same step. Then it saves through the run's `CheckpointManager` (atomic, found by
-   `resume=auto`) and stops the trainer.
-3. The trainer exits with `REQUEUE_EXIT` (`Preempted`); the batch script sees that code and
-   runs `scontrol requeue`. The requeued job reruns the same command, so the run folder, the
-   newest checkpoint and the W&B id in it are the same: it continues where it stopped.
+- SIGUSR1, the warning Slurm sends LEAD seconds before a time limit or pre-emption
+  (`--signal=B:USR1@LEAD`, LEAD from `python -m rwkv_train.plan`, the checkpoint's write time):
+  save, stop, exit `REQUEUE_EXIT` (`Preempted`); `slurm/train.sbatch` forwards the signal to
+  `srun`, sees that code and runs `scontrol requeue`. The requeued job reruns the same command,
+  so the run folder, the newest checkpoint and the W&B id in it are the same: it continues
+  where it stopped.
+- SIGTERM, what `scancel`, a time limit reached without the warning, or a Kubernetes-style
+  pre-emption sends before killing: save if the grace period allows (Slurm's KillWait, 30 s by
+  default), stop, exit `TERMINATED_EXIT` (`Terminated`), which nothing requeues; the same
+  command run again resumes from that checkpoint.
+
+`PreemptionCallback` only sets a flag in its signal handler. After every optimizer step the
+ranks all-reduce that flag, so they agree on one stop step even when the signal reaches them
+during different steps, or reaches only one of them; a ZeRO checkpoint needs every rank to write
+its partition of the same step. Then it saves through the run's `CheckpointManager` (atomic,
+found by `resume=auto`) and stops the trainer. A SIGTERM on any rank outranks a SIGUSR1: a
+cancelled job must not requeue itself.
 
 `python -m rwkv_train.preempt OVERRIDES...` prints the run folder those overrides train in and
 records the job there (`jobs/<job id>.<restart>/`: resolved config, git commit); the batch
@@ -35,6 +43,7 @@ from omegaconf import OmegaConf
 from rwkv_train.checkpoint import CheckpointManager
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the batch script requeues on it
+TERMINATED_EXIT = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM death
 
 
 class Preempted(SystemExit):
@@ -49,29 +58,67 @@ class Preempted(SystemExit):
         return f"pre-empted: checkpoint saved at step {self.step}, exit {REQUEUE_EXIT} to requeue"
 
 
-class PreemptionCallback(L.Callback):
-    """Turns `signum` into a checkpoint and a clean stop at a step every rank agrees on."""
+class Terminated(SystemExit):
+    """Raised after fitting when SIGTERM stopped training: exits with the code a shell gives a
+    process ended by SIGTERM, so schedulers and scripts see a stop, not a success. `step` is
+    the step saved, or None when the signal came before this process finished a step."""
 
-    def __init__(self, manager: CheckpointManager, signum: int = signal.SIGUSR1) -> None:
+    def __init__(self, step: int | None) -> None:
+        super().__init__(TERMINATED_EXIT)
+        self.step = step
+
+    def __str__(self) -> str:
+        if self.step is None:
+            return "terminated (SIGTERM) before a step was finished: nothing new to save"
+        return (
+            f"terminated (SIGTERM): checkpoint saved at step {self.step}; "
+            "the same command resumes from it"
+        )
+
+
+class PreemptionCallback(L.Callback):
+    """Turns SIGUSR1 and SIGTERM into a checkpoint and a clean stop at a step every rank
+    agrees on; `stop()` then gives the exception that ends the process with the right code."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
-        self.signum = signum
-        self.requested = False  # set by the signal handler on this rank
+        self.received: set[int] = set()  # the signals this rank got, set by the handler
         self.stopped_at: int | None = None  # the step saved before stopping, on every rank
-        self._previous: object = None
+        self.terminated = False  # whether any rank got SIGTERM (else the stop is a requeue)
+        self._previous: dict[int, object] = {}
         self._seen_step = -1
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: saving inside a handler could interrupt a collective half-way.
-        self.requested = True
+        self.received.add(signum)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread():  # Python allows no other
-            self._previous = signal.signal(self.signum, self._handle)
+        if threading.current_thread() is not threading.main_thread():  # Python allows no other
+            return
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        signal.signal(signal.SIGUSR1, self._handle)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning installs its SIGTERM handler after `setup`, just before the loop: replace it.
+        # A SIGTERM it caught already ends the fit after the first batch (`SIGTERMException`).
+        if self._previous:
+            signal.signal(signal.SIGTERM, self._handle)
+        if trainer.received_sigterm:
+            self.received.add(signal.SIGTERM)
+        self._seen_step = trainer.global_step  # nothing new to save before the next step
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        self._restore()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         step = trainer.global_step
@@ -79,11 +126,19 @@ class PreemptionCallback(L.Callback):
             return
         self._seen_step = step
         # any rank's flag stops all of them, at this same step (one small all-reduce per step)
-        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if trainer.strategy.reduce_boolean_decision(bool(self.received), all=False):
+            term = signal.SIGTERM in self.received
+            self.terminated = trainer.strategy.reduce_boolean_decision(term, all=False)
             if self.manager._last_saved != step:
                 self.manager.save(trainer)
             self.stopped_at = step
             trainer.should_stop = True
+
+    def stop(self) -> SystemExit | None:
+        """The exit for a run this callback stopped (None if it ran to its end)."""
+        if self.stopped_at is None:
+            return None
+        return Terminated(self.stopped_at) if self.terminated else Preempted(self.stopped_at)
 
 
 def slurm_plugins() -> list:

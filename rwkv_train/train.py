@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rwkv_train.checkpoint import (
@@ -35,7 +36,7 @@ from rwkv_train.data.loader import TokenDataModule
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
-from rwkv_train.preempt import Preempted, PreemptionCallback, slurm_plugins
+from rwkv_train.preempt import PreemptionCallback, Terminated, slurm_plugins
 from rwkv_train.reshard import ensure_loadable
 from rwkv_train.samples import SampleLogger
 
@@ -83,7 +84,7 @@ def close_loggers(loggers: list) -> None:
 
 
 def callbacks(tc: TrainConfig, run_dir: Path) -> list[L.Callback]:
-    """Checkpoints and their pre-emption save (SIGUSR1, see rwkv_train/preempt.py) always; W&B
+    """Checkpoints and their save on SIGUSR1 or SIGTERM (see rwkv_train/preempt.py) always; W&B
     text samples when the wandb logger asks for them."""
     manager = CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))
     out: list[L.Callback] = [manager, PreemptionCallback(manager)]
@@ -214,17 +215,23 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         default_root_dir=str(run_dir),
         plugins=slurm_plugins(),
     )
+    preempt = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
     try:
         trainer.fit(module, datamodule=data, ckpt_path=load_path, weights_only=False)
+    except SIGTERMException:  # Lightning's handler caught SIGTERM before ours took over
+        stop = preempt.stop() or Terminated(None)
+        log.warning("%s", stop)
+        raise stop from None
     finally:
         close_loggers(loggers)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # else gloo may abort at interpreter exit
     if module.stop_reason:
         raise NonFiniteLossError(module.stop_reason)
-    preempt = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
-    if preempt.stopped_at is not None:
-        raise Preempted(preempt.stopped_at)
+    stop = preempt.stop()
+    if stop is not None:
+        log.warning("%s", stop)
+        raise stop
     return module
 
 

@@ -10,6 +10,7 @@ for the ones that die).
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -155,6 +156,33 @@ def test_preempted_job_requeues_and_resumes_in_the_same_run(
     assert 2 <= saved < max_steps and "resuming from" in second and f"(step {saved})" in second
     assert steps(run_dir) == list(range(1, max_steps + 1))  # no step lost or repeated
     assert (run_dir / "wandb_id.txt").read_text() == wandb_id
+
+
+def test_cancelled_job_saves_its_step_and_is_not_requeued(
+    cluster: dict[str, str], data: Path, tmp_path: Path
+) -> None:
+    """`scancel JOB`: Slurm sends SIGTERM to every process of the job and SIGKILL after
+    KillWait (30 s). Both ranks save one checkpoint at a step they agree on and exit 143;
+    the batch script does not requeue a cancelled job."""
+    run_dir = tmp_path / "run"
+    job = sbatch(cluster, *train_job(data, run_dir, "trainer.max_steps=400"))
+    wait_for(cluster, job, {"RUNNING"}, timeout=60)
+    deadline = time.monotonic() + 120
+    while not steps(run_dir) or max(steps(run_dir)) < 2:
+        info = job_info(cluster, job)
+        assert time.monotonic() < deadline and info["JobState"] == "RUNNING", info
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], env=cluster, check=True)
+    log = run_dir / "jobs" / f"{job}.0" / "train.log"
+    deadline = time.monotonic() + 60
+    while log.read_text().count("terminated (SIGTERM): checkpoint saved at step") < 2:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    saved = checkpoint_step(find_latest(run_dir / "checkpoints"))
+    assert 2 <= saved < 400 and max(steps(run_dir)) == saved
+    said = re.findall(r"^(\d): .*checkpoint saved at step (\d+);", log.read_text(), re.M)
+    assert sorted(said) == [("0", str(saved)), ("1", str(saved))]
+    assert job_info(cluster, job)["Restarts"] == "0"
 
 
 def test_data_prep_array_then_merge(cluster: dict[str, str], tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from train_utils import compose_train, tiny_data, train_overrides
 import rwkv_train.train as train_mod
 from rwkv_train.checkpoint import checkpoint_step, find_latest
 from rwkv_train.metrics import read_metrics
-from rwkv_train.preempt import REQUEUE_EXIT, Preempted
+from rwkv_train.preempt import REQUEUE_EXIT, TERMINATED_EXIT, Preempted, Terminated
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_ID = "4242"
@@ -166,6 +166,65 @@ def test_signal_saves_that_step_and_exits_for_requeue(
     assert steps(run_dir) == list(range(1, 9))
 
 
+def test_sigterm_saves_that_step_and_exits_143(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What scancel or a pod eviction sends. Lightning's own handler would end the fit at the
+    next batch with exit code 0 and no checkpoint; ours saves the step and exits 143."""
+    build = train_mod.callbacks
+    monkeypatch.setattr(
+        train_mod, "callbacks", lambda *a: [SignalAt(3, signal.SIGTERM), *build(*a)]
+    )
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(data, run_dir, "trainer.max_steps=8", "data.val_samples=0")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as stop:
+        train_mod.train(compose_train(overrides))
+    assert stop.value.code == TERMINATED_EXIT == 143 and stop.value.step == 3
+    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # Lightning's and ours both removed
+
+    monkeypatch.setattr(train_mod, "callbacks", build)
+    train_mod.train(compose_train(overrides))
+    assert steps(run_dir) == list(range(1, 9))
+
+
+def test_sbatch_script_on_sigterm_saves_and_does_not_requeue(
+    data: Path, tmp_path: Path, fake_slurm: dict[str, str]
+) -> None:
+    """scancel: Slurm sends SIGTERM to every process of the job (the batch shell, the ranks and
+    their DataLoader workers). The rank finishes its optimizer step (two micro-batches here),
+    saves it and exits 143; the script passes that on and does not requeue."""
+    run_dir = tmp_path / "run"
+    cmd = sbatch_command(
+        data,
+        run_dir,
+        "trainer.max_steps=400",
+        "checkpoint.every_n_steps=1000",
+        "data.global_batch_size=4",
+        "data.num_workers=1",
+    )
+    job = subprocess.Popen(
+        cmd,
+        env=fake_slurm,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not steps(run_dir) or max(steps(run_dir)) < 2:
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    out = job.communicate(timeout=120)[0].decode()
+    assert job.returncode == TERMINATED_EXIT, out[-3000:]
+    assert not Path(fake_slurm["SCONTROL_LOG"]).exists()  # cancelled: no requeue
+    saved = checkpoint_step(find_latest(run_dir / "checkpoints"))
+    assert 2 <= saved < 400 and max(steps(run_dir)) == saved
+    log = (run_dir / "jobs" / f"{JOB_ID}.0" / "train.log").read_text()
+    assert f"checkpoint saved at step {saved}" in log, log[-3000:]
+
+
 FAKE_SBATCH = """#!/usr/bin/env bash
 # records its arguments, answers a job id as --parsable does
 echo "$*" >>"$SBATCH_LOG"
@@ -228,9 +287,15 @@ def test_lr_sweep_dry_run_with_submitit_local(data: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_signal_to_one_rank_stops_both_at_one_zero_step(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGUSR1, REQUEUE_EXIT), (signal.SIGTERM, TERMINATED_EXIT)]
+)
+def test_signal_to_one_rank_stops_both_at_one_zero_step(
+    data: Path, tmp_path: Path, signum: int, code: int
+) -> None:
     """Two ranks under ZeRO-2 (gloo): only rank 0 gets the signal, yet both stop at the same
-    step after writing their partitions of one complete checkpoint, and exit for requeue."""
+    step after writing their partitions of one complete checkpoint, and exit with the code
+    that requeues (SIGUSR1) or the one that does not (SIGTERM)."""
     from dist_utils import command, environment
 
     from rwkv_train.checkpoint import shard_ranks
@@ -242,8 +307,8 @@ def test_signal_to_one_rank_stops_both_at_one_zero_step(data: Path, tmp_path: Pa
     while not steps(run_dir) or max(steps(run_dir)) < 2:
         assert job.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
-    job.send_signal(signal.SIGUSR1)  # the launching process is rank 0; rank 1 is its child
+    job.send_signal(signum)  # the launching process is rank 0; rank 1 is its child
     out = job.communicate(timeout=150)[0]
-    assert job.returncode == REQUEUE_EXIT, out[-3000:]
+    assert job.returncode == code, out[-3000:]
     ckpt = find_latest(run_dir / "checkpoints")
     assert shard_ranks(ckpt) == {0, 1} and checkpoint_step(ckpt) == max(steps(run_dir)) < 400

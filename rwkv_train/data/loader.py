@@ -1,5 +1,6 @@
 """The LightningDataModule: DataLoaders over the train mixture and the val shards."""
 
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,13 @@ from torch.utils.data import DataLoader, Sampler
 from rwkv_train.data.dataset import ChunkDataset, TokenStream, ValidationChunks
 from rwkv_train.data.manifest import Manifest
 from rwkv_train.data.sampler import StepBatchSampler
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker start: a scheduler's SIGTERM goes to every process of a job, and a
+    worker it killed would end training with an error before the trainer could save its
+    checkpoint (rwkv_train/preempt.py). Workers leave with their parent instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class RecordingSampler(Sampler[list[int]]):
@@ -108,6 +116,7 @@ class TokenDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": pin,
             "persistent_workers": self.num_workers > 0,
+            "worker_init_fn": _ignore_sigterm,
             # a private generator: creating worker seeds must not draw from the global RNG
             "generator": torch.Generator().manual_seed(self.seed),
         }
