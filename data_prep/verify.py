@@ -6,13 +6,21 @@ the manifest, every token is a vocabulary id (or 0) and the shard ends with toke
 totals and per-source counts add up, the vocabulary is the one installed, and no shard file
 lies in DIR without being listed. Prints every problem found and exits 1 if there was any, so
 it can gate a training job.
+
+A World-scale build is terabytes, so each .bin is read once, its checksum and its largest id
+taken from the same blocks, and shards are checked on `--workers` threads (hashlib and numpy
+release the GIL on large buffers), with a progress bar on a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +30,7 @@ from data_prep.binidx import BinIdxFormatError, BinIdxReader
 from data_prep.manifest import read_manifest, sha256_file
 from data_prep.tokenizer import default_vocab_path, read_vocab
 
-CHUNK = 1 << 24  # tokens scanned at a time for the range check
+BLOCK = 1 << 23  # bytes read at a time (even, so every block but the last holds whole ids)
 
 
 def _vocab_limit() -> tuple[int, str | None]:
@@ -43,8 +51,14 @@ def per_source(manifest: dict[str, Any]) -> dict[str, list[int]]:
     return counts
 
 
-def verify(folder: str | Path, checksums: bool = True) -> list[str]:
-    """All problems found in a built corpus folder (an empty list means it is sound)."""
+def verify(
+    folder: str | Path,
+    checksums: bool = True,
+    workers: int = 1,
+    on_bytes: Callable[[int], object] | None = None,
+) -> list[str]:
+    """All problems found in a built corpus folder (an empty list means it is sound).
+    `on_bytes` is called with the size of every block read, for a progress bar."""
     folder = Path(folder)
     try:
         manifest = read_manifest(folder)
@@ -58,10 +72,14 @@ def verify(folder: str | Path, checksums: bool = True) -> list[str]:
             f"tokenizer: built with vocabulary sha256 {tok.get('sha256')}, "
             f"the installed {tok.get('name')} has {vocab_sha}"
         )
-    listed = set()
-    for shard in manifest["shards"]:
-        listed.add(shard["prefix"])
-        problems += _check_shard(folder, shard, checksums, limit)
+    tick = on_bytes or (lambda n: None)
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # results come back in shard order
+        found_per_shard = pool.map(
+            lambda shard: _check_shard(folder, shard, checksums, limit, tick), manifest["shards"]
+        )
+        for shard_problems in found_per_shard:
+            problems += shard_problems
+    listed = {shard["prefix"] for shard in manifest["shards"]}
     found = per_source(manifest)
     total = sum(s["tokens"] for s in manifest["shards"])
     if total != manifest["total_tokens"]:
@@ -77,7 +95,27 @@ def verify(folder: str | Path, checksums: bool = True) -> list[str]:
     return problems
 
 
-def _check_shard(folder: Path, shard: dict[str, Any], checksums: bool, limit: int) -> list[str]:
+def _read(path: Path, checksum: bool, tick: Callable[[int], object]) -> tuple[str, int]:
+    """One pass over a file: its sha256 (empty without `checksum`) and its largest uint16."""
+    h = hashlib.sha256()
+    top = 0
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            if checksum:
+                h.update(block)
+            if len(block) >= 2:
+                top = max(top, int(np.frombuffer(block, np.uint16, len(block) // 2).max()))
+            tick(len(block))
+    return (h.hexdigest() if checksum else ""), top
+
+
+def _check_shard(
+    folder: Path,
+    shard: dict[str, Any],
+    checksums: bool,
+    limit: int,
+    tick: Callable[[int], object],
+) -> list[str]:
     prefix = shard["prefix"]
     where = f"shard {prefix}"
     base = folder / prefix
@@ -86,8 +124,9 @@ def _check_shard(folder: Path, shard: dict[str, Any], checksums: bool, limit: in
     if missing:
         return [f"{where}: missing {', '.join(missing)}"]
     problems = []
+    bin_sha, top = _read(bin_path, checksums, tick)
     if checksums:
-        if sha256_file(bin_path) != shard["sha256_bin"]:
+        if bin_sha != shard["sha256_bin"]:
             problems.append(f"{where}: .bin checksum differs from the manifest")
         if sha256_file(idx_path) != shard["sha256_idx"]:
             problems.append(f"{where}: .idx checksum differs from the manifest")
@@ -104,11 +143,8 @@ def _check_shard(folder: Path, shard: dict[str, Any], checksums: bool, limit: in
         problems.append(f"{where}: {len(tokens)} tokens, the manifest says {shard['tokens']}")
     if len(tokens) and int(tokens[-1]) != 0:
         problems.append(f"{where}: does not end with the end-of-document token 0")
-    for start in range(0, len(tokens), CHUNK):
-        top = int(tokens[start : start + CHUNK].max())
-        if top >= limit:
-            problems.append(f"{where}: token id {top} outside the vocabulary (< {limit})")
-            break
+    if top >= limit:
+        problems.append(f"{where}: token id {top} outside the vocabulary (< {limit})")
     return problems
 
 
@@ -128,13 +164,35 @@ def _check_source(src: dict[str, Any], found: list[int]) -> list[str]:
     return problems
 
 
+def _shard_bytes(folder: str | Path) -> int:
+    """The size of the .bin files the manifest lists (0 if it cannot be read): the work."""
+    try:
+        shards = read_manifest(folder)["shards"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    paths = (Path(folder) / f"{s['prefix']}.bin" for s in shards)
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: exit status 0 when the folder is sound, 1 otherwise."""
     parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__)
     parser.add_argument("folder", help="a build's output_dir (holding manifest.json)")
     parser.add_argument("--no-checksums", action="store_true", help="skip the sha256 checks")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, len(os.sched_getaffinity(0))),  # the CPUs a Slurm task may use
+        help="shards checked at once (default: the usable CPUs, at most 8)",
+    )
     args = parser.parse_args(argv)
-    problems = verify(args.folder, checksums=not args.no_checksums)
+    from tqdm import tqdm
+
+    shards = _shard_bytes(args.folder)
+    with tqdm(
+        total=shards, unit="B", unit_scale=True, desc="verify", file=sys.stderr, disable=None
+    ) as bar:
+        problems = verify(args.folder, not args.no_checksums, args.workers, bar.update)
     if problems:
         for p in problems:
             print(f"verify: {p}", file=sys.stderr)

@@ -318,6 +318,39 @@ def test_verify_catches_a_flipped_byte(tmp_path, capsys):
     assert verify_main([str(tmp_path / "nowhere")]) == 1
 
 
+def test_verify_on_threads_reports_in_shard_order(tmp_path, monkeypatch):
+    """Shards checked on three threads, each .bin read in 6-byte blocks: the problems come
+    back in shard order, an id out of range in a later block is found, and the progress
+    callback sees every byte of every .bin once."""
+    import data_prep.verify as verify_mod
+
+    src = write_jsonl(tmp_path / "a.jsonl", docs(60))
+    out = tmp_path / "out"
+    manifest = build(cfg(out, [src], shard_size_tokens=200, val_fraction=0.0))
+    shards = [s["prefix"] for s in manifest["shards"]]
+    assert len(shards) >= 4
+    monkeypatch.setattr(verify_mod, "BLOCK", 6)
+    seen = []
+    assert verify(out, workers=3, on_bytes=seen.append) == []
+    assert sum(seen) == sum((out / f"{p}.bin").stat().st_size for p in shards)
+
+    flipped = out / f"{shards[1]}.bin"
+    data = bytearray(flipped.read_bytes())
+    data[3] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    wide = out / f"{shards[3]}.bin"
+    arr = np.fromfile(wide, dtype=np.uint16)
+    arr[7] = 65535  # in the third block
+    arr.tofile(wide)
+    too_wide = f"shard {shards[3]}: token id 65535 outside the vocabulary (< 65530)"
+    assert verify(out, workers=3) == [
+        f"shard {shards[1]}: .bin checksum differs from the manifest",
+        f"shard {shards[3]}: .bin checksum differs from the manifest",
+        too_wide,
+    ]
+    assert verify(out, checksums=False, workers=2) == [too_wide]
+
+
 def test_parts_and_merge(tmp_path):
     files = [write_jsonl(tmp_path / f"f{i}.jsonl", docs(25, i)) for i in range(5)]
     corpus = {"sources": [{"name": "web", "paths": [str(tmp_path / "f*.jsonl")]}]}
