@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from rwkv_train.bptt import segmented_loss
-from rwkv_train.config import TrainConfig, data_sources
+from rwkv_train.config import ConfigError, TrainConfig, data_sources
 from rwkv_train.data.manifest import load_manifest
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
@@ -495,20 +495,28 @@ class RWKVLitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint["rwkv_train"]
-        if extra["model_config"] != architecture(self.model_cfg):
-            raise ValueError(
-                "the checkpoint holds a different model config "
-                f"({extra['model_config']}); use another run_dir or resume=none"
+        saved, now = extra["model_config"], architecture(self.model_cfg)
+        if saved != now:
+            diff = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+            raise ConfigError(
+                "model",
+                "the checkpoint resumed was trained with "
+                + ", ".join(f"{k}={saved.get(k)}" for k in diff)
+                + " (this config: "
+                + ", ".join(f"{k}={now.get(k)}" for k in diff)
+                + "); set those to resume it, or train another run (another run_dir, or "
+                "resume=none)",
             )
         self._continue_progress(checkpoint["global_step"], extra)
         saved_groups = extra.get("param_groups")  # absent from checkpoints of older versions
         groups = self._group_layout()
         if saved_groups is not None and saved_groups != groups:
-            raise ValueError(
+            raise ConfigError(
+                "optim",
                 f"the checkpoint's optimizer groups (lr_mult, decayed, size) {saved_groups} "
                 f"differ from this config's {groups}: optim.lr_mult, "
                 "optim.no_decay, or optim.weight_decay turned on or off since it was saved; "
-                "resume with the settings it was written with"
+                "resume with the settings it was written with",
             )
         saved_data = extra.get("data")  # absent from checkpoints of older versions
         saved_prints = extra.get("data_fingerprints")

@@ -129,13 +129,21 @@ def test_recorded_sample_ids_are_the_trained_ones_with_workers(data: Path, tmp_p
     assert sorted(int(i) for i in lines[0].split()) == list(range(8))
 
 
-def test_resume_refuses_other_optimizer_groups(data: Path, tmp_path: Path) -> None:
+def test_resume_refuses_other_optimizer_groups_or_model(data: Path, tmp_path: Path) -> None:
     """Turning weight decay on adds a parameter group: the saved optimizer states, matched to
-    parameters by position, would no longer fit, so the resume stops and says why."""
+    parameters by position, would no longer fit, so the resume stops and says why; so does
+    another model shape, naming the fields that differ."""
     rd = tmp_path / "run"
     run(data, rd, "trainer.max_steps=2", "checkpoint.every_n_steps=2")
-    with pytest.raises(ValueError, match=r"optim\.weight_decay turned on or off"):
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay turned on or off"):
         run(data, rd, "trainer.max_steps=4", "optim.weight_decay=0.1")
+    with pytest.raises(ConfigError) as other_model:
+        run(data, rd, "trainer.max_steps=4", "model.n_layer=3", "model.head_size=32")
+    assert str(other_model.value) == (
+        "model: the checkpoint resumed was trained with head_size=64, n_layer=2 (this config: "
+        "head_size=32, n_layer=3); set those to resume it, or train another run (another "
+        "run_dir, or resume=none)"
+    )
     module = run(data, rd, "trainer.max_steps=4", "optim.betas=[0.9,0.95]")  # same groups
     assert {tuple(g["betas"]) for g in module._optimizer.param_groups} == {(0.9, 0.95)}
     assert [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r] == [
