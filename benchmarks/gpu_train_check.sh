@@ -11,8 +11,9 @@
 # antlr4-python3-runtime): put their wheels in .whl/ (gitignored; pure Python except
 # pydantic-core, for the image's Python 3.12) and carry it. The data is this repository's
 # Markdown, tokenised with the World tokenizer. About 5 minutes; TRAINER=cpu runs it here.
-# Then `rwkv_train.evaluate` on the GPU against the CPU, 4 steps at ctx_len 4096 whole and
-# with trainer.segment_len=512, and last bench_train.py eager against --compile.
+# Then `rwkv_train.evaluate` (val shards and LAMBADA-style passages) on the GPU against the
+# CPU; 4 steps at ctx_len 4096, whole and with trainer.segment_len=512; and last
+# bench_train.py eager against --compile.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -73,16 +74,23 @@ mkdir -p "$WORK/evaltext"
 for f in rwkv_train/*.py rwkv_train/*/*.py; do cp "$f" "$WORK/evaltext/$(echo "$f" | tr / _).txt"; done
 timeout 120 $PY -m data_prep.build "inputs=[$WORK/evaltext/*.txt]" val_fraction=0.5 \
     output_dir="$WORK/evaldata" >"$OUT/evaldata.log" 2>&1
+# LAMBADA-style passages (the last word of each of 64 lines of the docstrings) go with it.
+grep -h -E '^[A-Za-z].* .* .* [a-z]+$' rwkv_train/*.py | head -n 64 |
+    $PY -c 'import json, sys; [print(json.dumps({"text": l.strip()})) for l in sys.stdin]' \
+    >"$WORK/lambada.jsonl"
 for dev in cuda cpu; do
     timeout 180 $PY -m rwkv_train.evaluate "$WORK/zero2" --data "$WORK/evaldata" --ctx-len 512 \
-        --samples 8 --device $dev --json "$WORK/eval_$dev.jsonl" >"$OUT/evaluate_$dev.log" 2>&1
+        --samples 8 --lambada "$WORK/lambada.jsonl" --device $dev --json "$WORK/eval_$dev.jsonl" \
+        >"$OUT/evaluate_$dev.log" 2>&1
     echo "evaluate $dev: rc=$?"
 done
 $PY - "$WORK/eval_cuda.jsonl" "$WORK/eval_cpu.jsonl" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 gpu, cpu = (json.loads(open(p).readline()) for p in sys.argv[1:])
 print(f"evaluate step {gpu['step']}: val/loss {gpu['val/loss']:.4f} on cuda (bf16), "
-      f"{cpu['val/loss']:.4f} on cpu (fp32), |diff| {abs(gpu['val/loss'] - cpu['val/loss']):.1e}")
+      f"{cpu['val/loss']:.4f} on cpu (fp32), |diff| {abs(gpu['val/loss'] - cpu['val/loss']):.1e}; "
+      f"lambada ppl {gpu['lambada/ppl']:.2f} / {cpu['lambada/ppl']:.2f}, "
+      f"acc {gpu['lambada/acc']:.3f} / {cpu['lambada/acc']:.3f}")
 EOF
 
 # Exact BPTT in segments (trainer.segment_len) on the CUDA kernel: 4 steps at ctx_len 4096,

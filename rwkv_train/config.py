@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from rwkv_train.data.manifest import Manifest, ManifestError, load_manifest, split_by_source
+from rwkv_train.lambada import Item, encode, read_passages
 from rwkv_train.model import RWKVConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class DataConfig:
     """Data-prep folders whose val shards validation measures instead of those of `path`
     (a folder or a list): a fixed yardstick while the training mix changes (an anneal, a
     reweighting), so the val curves of all phases compare."""
+    lambada_path: str | None = None
+    """LAMBADA passages (OpenAI's lambada_test.jsonl) scored at every validation, split over
+    the ranks: logged as lambada/ppl and lambada/acc (rwkv_train/lambada.py), the figures
+    `python -m rwkv_train.evaluate --lambada` gives for the same checkpoint."""
     record_sample_ids: bool = False
     """Debugging: append the global sample indices each rank trains on to
     run_dir/sample_ids/rank{R}.txt (one micro-batch a line, as training takes it), to check
@@ -230,6 +235,7 @@ class Plan:
     accumulate: int
     world_size: int
     init_from: str | None = None
+    lambada: list[Item] | None = None  # the passages of data.lambada_path, tokenized
 
 
 def to_schema(cfg: DictConfig) -> TrainConfig:
@@ -421,7 +427,23 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
     if model.ctx_len != d.ctx_len:
         model = RWKVConfig.from_dict({**model.to_dict(), "ctx_len": d.ctx_len})
     val = [s.manifest for s in sources] if d.val_path is None else _val_manifests(d, model)
-    return Plan(tc, model, sources, val, accumulate, world_size, init_from)
+    lambada = None if d.lambada_path is None else _lambada_items(d.lambada_path, model)
+    return Plan(tc, model, sources, val, accumulate, world_size, init_from, lambada)
+
+
+def _lambada_items(path: str, model: RWKVConfig) -> list[Item]:
+    """data.lambada_path's passages, tokenized; their ids must be the model's."""
+    try:
+        items = encode(read_passages(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError("data.lambada_path", str(e)) from None
+    top = max(max(ctx + word) for ctx, word in items)
+    if top >= model.vocab_size:
+        raise ConfigError(
+            "data.lambada_path",
+            f"its passages hold World token id {top}, beyond model.vocab_size {model.vocab_size}",
+        )
+    return items
 
 
 def _val_manifests(d: DataConfig, model: RWKVConfig) -> list[Manifest]:

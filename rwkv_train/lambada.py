@@ -1,5 +1,6 @@
 """LAMBADA, last-word prediction: the zero-shot figure RWKV papers report first, a cheap check of
-a pretraining run beside its val loss (`python -m rwkv_train.evaluate ... --lambada FILE`).
+a pretraining run beside its val loss: at every validation with `data.lambada_path`, or
+afterwards with `python -m rwkv_train.evaluate ... --lambada FILE`.
 
 Each passage is split at its last space. The model reads token 0, which precedes every
 document in training (the previous document's end), then the context, and is scored on the
@@ -15,7 +16,8 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from data_prep.tokenizer import WorldTokenizer
 
@@ -49,31 +51,79 @@ def encode(passages: list[tuple[str, str]], tokenizer: WorldTokenizer | None = N
     return [([0, *tok.encode(context)], tok.encode(word)) for context, word in passages]
 
 
+def collate(items: list[Item]) -> tuple[Tensor, Tensor]:
+    """A batch of passages padded on the right with 0: token ids x (B, T), and targets (B, T),
+    the word token each position's logits must predict, -1 where there is none. The model is
+    causal, so the padding after a passage cannot change its scores."""
+    width = max(len(ctx) + len(word) for ctx, word in items)
+    x = torch.zeros(len(items), width, dtype=torch.long)
+    targets = torch.full((len(items), width), -1, dtype=torch.long)
+    for row, (ctx, word) in enumerate(items):
+        x[row, : len(ctx) + len(word)] = torch.tensor(ctx + word)
+        # the logits at position p predict token p + 1
+        targets[row, len(ctx) - 1 : len(ctx) + len(word) - 1] = torch.tensor(word)
+    return x, targets
+
+
+def passage_scores(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per passage of a batch: the log-probability of its word (float64) and whether the top
+    choice was right at every word token (bool). Only the word positions are normalised."""
+    rows = targets.ge(0).nonzero()[:, 0]
+    at = logits[targets.ge(0)].float()  # (word tokens in the batch, V)
+    wanted = targets[targets.ge(0)]
+    log_probs = torch.log_softmax(at, dim=-1).gather(1, wanted[:, None])[:, 0].double()
+    misses = at.argmax(dim=-1).ne(wanted).double()
+    zeros = torch.zeros(len(targets), dtype=torch.float64, device=logits.device)
+    return zeros.index_add(0, rows, log_probs), zeros.index_add(0, rows, misses).eq(0)
+
+
+def metrics(log_prob_sum: float, correct: float, passages: float) -> dict[str, float]:
+    """`lambada/ppl` and `lambada/acc` from the sums over passages."""
+    return {
+        "lambada/ppl": math.exp(-log_prob_sum / passages),
+        "lambada/acc": correct / passages,
+    }
+
+
 @torch.no_grad()
 def score(net: nn.Module, items: list[Item], batch_size: int = 8) -> dict[str, float]:
     """`lambada/ppl` and `lambada/acc` of `net` (token ids (B, T) -> logits (B, T, V)) on
-    `items`. Passages of similar length are batched, padded on the right: the model is causal,
-    so what follows a passage cannot change its scores."""
+    `items`, in batches of passages of similar length."""
     device = next(net.parameters()).device
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+    ordered = sorted(items, key=lambda item: len(item[0]) + len(item[1]))
     log_prob_sum, correct = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = [items[i] for i in order[start : start + batch_size]]
-        width = max(len(ctx) + len(word) for ctx, word in batch)
-        x = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, (ctx, word) in enumerate(batch):
-            x[row, : len(ctx) + len(word)] = torch.tensor(ctx + word)
+    for start in range(0, len(ordered), batch_size):
+        x, targets = collate(ordered[start : start + batch_size])
         with autocast:
             logits = net(x.to(device))
-        for row, (ctx, word) in enumerate(batch):
-            # the logits at position p predict token p + 1
-            at = logits[row, len(ctx) - 1 : len(ctx) + len(word) - 1].float()
-            target = torch.tensor(word, device=device)
-            log_probs = torch.log_softmax(at, dim=-1).gather(1, target[:, None])
-            log_prob_sum += log_probs.sum().item()
-            correct += bool((at.argmax(dim=-1) == target).all())
-    return {
-        "lambada/ppl": math.exp(-log_prob_sum / len(items)),
-        "lambada/acc": correct / len(items),
-    }
+        log_prob, right = passage_scores(logits, targets.to(device))
+        log_prob_sum += log_prob.sum().item()
+        correct += int(right.sum())
+    return metrics(log_prob_sum, correct, len(items))
+
+
+class RankPassages(Dataset):
+    """One rank's passages for validation during training (`data.lambada_path`): sorted by
+    length so batches pad little, rank r of `world` takes every world-th. A rank with fewer
+    than the others repeats a passage at weight 0 (counted nowhere): under ZeRO-3 every rank
+    must run the same number of forward passes."""
+
+    def __init__(self, items: list[Item], rank: int = 0, world: int = 1) -> None:
+        ordered = sorted(items, key=lambda item: len(item[0]) + len(item[1]))
+        mine = [(item, 1.0) for item in ordered[rank::world]]
+        share = -(-len(ordered) // world)
+        self.rows = mine + [(ordered[0], 0.0)] * (share - len(mine))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[Item, float]:
+        return self.rows[i]
+
+
+def collate_rows(rows: list[tuple[Item, float]]) -> dict[str, Tensor]:
+    """A DataLoader batch of `RankPassages`: `collate`'s x and targets, and the weights."""
+    x, targets = collate([item for item, _ in rows])
+    weight = torch.tensor([w for _, w in rows], dtype=torch.float64)
+    return {"x": x, "targets": targets, "weight": weight}

@@ -26,6 +26,8 @@ from torch import Tensor
 from rwkv_train.bptt import segmented_loss
 from rwkv_train.config import ConfigError, TrainConfig, data_sources
 from rwkv_train.data.manifest import load_manifest
+from rwkv_train.lambada import metrics as lambada_metrics
+from rwkv_train.lambada import passage_scores
 from rwkv_train.metrics import Throughput, max_memory_gib, peak_flops
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.optim import (
@@ -207,6 +209,7 @@ class RWKVLitModule(L.LightningModule):
         self._throughput = Throughput()
         self._optimizer: torch.optim.Optimizer | None = None
         self._val: ValidationLoss | None = None
+        self._lambada: Tensor | None = None
         self._fingerprints: list[str] | None = None
 
     # ------------------------------------------------------------------ model
@@ -411,8 +414,17 @@ class RWKVLitModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         names = self.trainer.datamodule.val_names
         self._val = ValidationLoss(names, self.cfg.data.ctx_len, self.device)
+        # LAMBADA: summed log-probability, passages right, passages (rwkv_train/lambada.py)
+        self._lambada = torch.zeros(3, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(
+        self, batch: tuple[Tensor, Tensor, Tensor] | dict[str, Tensor], batch_idx: int, *_: int
+    ) -> None:
+        if isinstance(batch, dict):  # LAMBADA passages
+            log_prob, right = passage_scores(self.net(batch["x"]), batch["targets"])
+            w = batch["weight"]
+            self._lambada += torch.stack([(log_prob * w).sum(), (right * w).sum(), w.sum()])
+            return
         x, y, source = batch
         _, ce = segmented_loss(self.net, x, y, self._segment_len(x))
         assert self._val is not None
@@ -421,9 +433,16 @@ class RWKVLitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or self._val is None:
             return
-        metrics = self._val.metrics(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
-        if metrics:
+
+        def reduce(t: Tensor) -> Tensor:  # the sum over ranks
+            return self.trainer.strategy.reduce(t, reduce_op="sum")
+
+        metrics = self._val.metrics(reduce)
+        if "val/loss" in metrics:
             self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False)
+        if self.trainer.datamodule.lambada:
+            metrics |= lambada_metrics(*reduce(self._lambada).tolist())
+        if metrics:
             self._log_metrics(metrics, self.trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint state

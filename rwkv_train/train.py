@@ -173,6 +173,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         tc.data.val_samples,
         run_dir / "sample_ids" if tc.data.record_sample_ids else None,
         plan.val,
+        plan.lambada,
     )
     if rank_zero_only.rank == 0:
         for line in data.mixture(tc.trainer.max_steps * tc.data.global_batch_size):
@@ -210,7 +211,7 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         num_sanity_val_steps=0,
         val_check_interval=val_every * plan.accumulate,
         check_val_every_n_epoch=None,
-        limit_val_batches=1.0 if data.val_streams else 0,
+        limit_val_batches=1.0 if data.val_streams or data.lambada else 0,
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),
         plugins=slurm_plugins(),

@@ -9,9 +9,14 @@ import pytest
 import torch
 from model_utils import build, tiny_config
 from torch import Tensor, nn
+from train_utils import compose_train, tiny_data, train_overrides
 
+from rwkv_train.config import ConfigError, validate
 from rwkv_train.evaluate import main
+from rwkv_train.generate import load_model
 from rwkv_train.lambada import encode, read_passages, score
+from rwkv_train.metrics import read_metrics
+from rwkv_train.train import train
 
 PASSAGES = [
     "The keeper locked the gate and walked back to the lighthouse",
@@ -132,3 +137,54 @@ def test_evaluate_needs_something_to_score(tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit):  # a 1000-token model cannot read World token ids
         main([str(pth), "--lambada", str(data)])
     assert "has 1000 token ids" in capsys.readouterr().err
+
+
+def test_training_logs_lambada_as_evaluate_scores_it(tmp_path: Path) -> None:
+    """`data.lambada_path`: the lambada/ppl and lambada/acc logged at a validation are the
+    figures `evaluate --lambada` gives for that step's checkpoint; bad settings are refused."""
+    data = tiny_data(tmp_path / "data")
+    passages = write_passages(tmp_path / "lambada.jsonl", PASSAGES)
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(
+        data, run_dir, "model.vocab_size=65536", "trainer.max_steps=2",
+        "trainer.val_every_n_steps=2", "checkpoint.every_n_steps=2",
+        f"data.lambada_path={passages}",
+    )  # fmt: skip
+    train(compose_train(overrides))
+    (logged,) = [r for r in read_metrics(run_dir / "metrics.jsonl") if "lambada/ppl" in r]
+    assert logged["step"] == 2 and "val/loss" in logged
+    rows = tmp_path / "rows.jsonl"
+    assert main([str(run_dir), "--lambada", str(passages), "--json", str(rows)]) == 0
+    row = json.loads(rows.read_text())
+    assert row["step"] == 2
+    assert logged["lambada/ppl"] == pytest.approx(row["lambada/ppl"], rel=1e-5)
+    assert logged["lambada/acc"] == row["lambada/acc"]
+
+    with pytest.raises(ConfigError, match=r"^data\.lambada_path: .*No such file"):
+        validate(compose_train([*overrides, "data.lambada_path=/nowhere.jsonl"]))
+    with pytest.raises(ConfigError, match=r"^data\.lambada_path: .*beyond model\.vocab_size 128"):
+        validate(compose_train([*overrides, "model.vocab_size=128"]))
+
+
+def test_lambada_on_two_zero3_ranks(tmp_path: Path) -> None:
+    """Seven passages on two ZeRO-3 ranks: rank 1 pads with a passage that counts nowhere, so
+    both run the same forward passes (else the parameter gathers would hang), and the logged
+    figures are the one-process figures of the same checkpoint."""
+    from dist_utils import command, launch
+
+    data = tiny_data(tmp_path / "data")
+    passages = write_passages(tmp_path / "lambada.jsonl", PASSAGES)
+    run_dir = tmp_path / "run"
+    launch(
+        command(
+            data, run_dir, "deepspeed=zero3", "model.vocab_size=65536", "trainer.max_steps=2",
+            "trainer.val_every_n_steps=2", "checkpoint.every_n_steps=2",
+            f"data.lambada_path={passages}",
+        ),
+        tmp_path,
+    )  # fmt: skip
+    (logged,) = [r for r in read_metrics(run_dir / "metrics.jsonl") if "lambada/ppl" in r]
+    net = load_model(run_dir, wkv_backend="torch")
+    expected = score(net, encode(read_passages(passages)), batch_size=4)
+    assert logged["lambada/ppl"] == pytest.approx(expected["lambada/ppl"], rel=1e-5)
+    assert logged["lambada/acc"] == expected["lambada/acc"]

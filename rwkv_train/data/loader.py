@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from rwkv_train.data.dataset import ChunkDataset, TokenStream, ValidationChunks
 from rwkv_train.data.manifest import Manifest
 from rwkv_train.data.sampler import StepBatchSampler
+from rwkv_train.lambada import Item, RankPassages, collate_rows
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -73,6 +74,7 @@ class TokenDataModule(L.LightningDataModule):
         val_samples: int = 0,
         sample_ids_dir: Path | None = None,
         val_manifests: list[Manifest] | None = None,
+        lambada: list[Item] | None = None,
     ) -> None:
         super().__init__()
         self.manifests = manifests
@@ -85,6 +87,7 @@ class TokenDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_samples = val_samples
         self.sample_ids_dir = sample_ids_dir
+        self.lambada = lambada
         self.recorder: RecordingSampler | None = None
         self.train_set = ChunkDataset(
             [TokenStream(m.train) for m in manifests], weights, ctx_len, seed
@@ -143,15 +146,28 @@ class TokenDataModule(L.LightningDataModule):
             self.recorder.record_next()
         return batch
 
-    def val_dataloader(self) -> DataLoader | list:
-        if not self.val_streams:
-            return []
+    def val_dataloader(self) -> list[DataLoader]:
+        """The val shards' chunks and, with `lambada`, the LAMBADA passages (dict batches)."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        chunks = ValidationChunks(self.val_streams, self.ctx_len, self.val_samples, rank, world)
-        return DataLoader(
-            chunks, batch_size=self.micro_batch_size, shuffle=False, **self._loader_kwargs()
-        )
+        loaders = []
+        if self.val_streams:
+            chunks = ValidationChunks(self.val_streams, self.ctx_len, self.val_samples, rank, world)
+            loaders.append(
+                DataLoader(
+                    chunks, batch_size=self.micro_batch_size, shuffle=False, **self._loader_kwargs()
+                )
+            )
+        if self.lambada:
+            loaders.append(
+                DataLoader(
+                    RankPassages(self.lambada, rank, world),
+                    batch_size=self.micro_batch_size,
+                    collate_fn=collate_rows,
+                    **self._loader_kwargs(),
+                )
+            )
+        return loaders
 
 
 def val_sources(manifests: list[Manifest], ctx_len: int) -> tuple[list[str], list[TokenStream]]:
