@@ -6,6 +6,7 @@ offload, segments. Resuming on another rank count or strategy is in test_reshard
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from dist_utils import (
     EVERY,
     SAME,
+    SMALL_BUCKETS,
     STEPS,
     command,
     drop_checkpoint,
@@ -367,3 +369,37 @@ def test_zero3_segments_with_block_checkpoints_train_the_same_steps(
     assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
     for (s, a), (_, b) in zip(got, want, strict=True):
         assert abs(a - b) <= 1e-5, (s, a, b)
+
+
+def test_two_nodes_of_one_rank_train_as_one_node_of_two(zero_runs: dict[str, Path]) -> None:
+    """`trainer.num_nodes=2 trainer.devices=1`, one process per "node" started by hand with
+    NODE_RANK (what a cluster's launcher does): the global ranks, the data each reads and so
+    the losses are those of the ZeRO-2 run of two devices on one node."""
+    run_dir = zero_runs["root"] / "two_nodes"
+    overrides = train_overrides(
+        zero_runs["data"], run_dir, *SAME, "trainer.devices=1", "trainer.num_nodes=2",
+        "deepspeed=zero2", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+        "data.record_sample_ids=true", *SMALL_BUCKETS,
+    )  # fmt: skip
+    env = environment()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "rwkv_train.train", *overrides],
+            cwd=zero_runs["root"],
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    for rank in (0, 1):
+        ids = (run_dir / "sample_ids" / f"rank{rank}.txt").read_text()
+        assert ids == (zero_runs["zero2"] / "sample_ids" / f"rank{rank}.txt").read_text()
+    (steps, losses), (ref_steps, ref_losses) = (
+        zip(*history(d), strict=True) for d in (run_dir, zero_runs["zero2"])
+    )
+    assert steps == ref_steps == (1, 2, 3, 4)
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
