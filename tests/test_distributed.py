@@ -403,3 +403,59 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two(zero_runs: dict[str, Pat
     )
     assert steps == ref_steps == (1, 2, 3, 4)
     assert losses == pytest.approx(ref_losses, abs=1e-6)
+
+
+def test_torchrun_launch_trains_as_lightnings_own(zero_runs: dict[str, Path]) -> None:
+    """`torchrun --nproc-per-node 2 -m rwkv_train.train ... trainer.devices=2` (how Kubernetes
+    jobs and many clusters start ranks): the same samples and losses as the run whose second
+    rank Lightning started itself."""
+    run_dir = zero_runs["root"] / "torchrun"
+    overrides = train_overrides(
+        zero_runs["data"], run_dir, *SAME, "trainer.devices=2", "deepspeed=zero2",
+        "trainer.max_steps=4", "checkpoint.every_n_steps=2", "data.record_sample_ids=true",
+        *SMALL_BUCKETS,
+    )  # fmt: skip
+    env = environment()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+    cmd += [f"--master-port={env['MASTER_PORT']}", "-m", "rwkv_train.train", *overrides]
+    done = subprocess.run(
+        cmd, cwd=zero_runs["root"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        ids = (run_dir / "sample_ids" / f"rank{rank}.txt").read_text()
+        assert ids == (zero_runs["zero2"] / "sample_ids" / f"rank{rank}.txt").read_text()
+    (steps, losses), (ref_steps, ref_losses) = (
+        zip(*history(d), strict=True) for d in (run_dir, zero_runs["zero2"])
+    )
+    assert steps == ref_steps == (1, 2, 3, 4)
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+
+
+def test_sigterm_to_torchrun_saves_one_complete_checkpoint(tmp_path: Path) -> None:
+    """A pod eviction: SIGTERM to torchrun, which passes it to both ranks; they save the
+    partitions of one step and stop (torchrun itself then exits 1 with its SignalException)."""
+    from rwkv_train.checkpoint import checkpoint_step, shard_ranks
+
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(
+        tiny_data(tmp_path / "data"), run_dir, *SAME, "trainer.devices=2", "deepspeed=zero2",
+        "trainer.max_steps=400", "checkpoint.every_n_steps=1000", *SMALL_BUCKETS,
+    )  # fmt: skip
+    env = environment()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+    cmd += [f"--master-port={env['MASTER_PORT']}", "-m", "rwkv_train.train", *overrides]
+    job = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 150
+    while max((s for s, _ in history(run_dir)), default=0) < 2:
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    out = job.communicate(timeout=120)[0]
+    ckpt = find_latest(run_dir / "checkpoints")
+    assert ckpt is not None, out[-3000:]
+    saved = checkpoint_step(ckpt)
+    assert shard_ranks(ckpt) == {0, 1} and saved == max(s for s, _ in history(run_dir)) < 400
+    assert out.count(f"terminated (SIGTERM): checkpoint saved at step {saved}") == 2
