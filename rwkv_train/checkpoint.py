@@ -154,6 +154,12 @@ class CheckpointManager(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved = trainer.global_step  # the state we started from is already on disk
+        if trainer.is_global_zero and self.folder.is_dir():
+            # A save killed half-way (a SIGKILL after the grace period) leaves its temporary
+            # name behind; under ZeRO that can be most of a model's size in optimizer state.
+            for stale in sorted(self.folder.glob(".step*.ckpt.tmp")):
+                log.warning("removing %s: a save that did not finish", stale)
+                _remove(stale)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         step = trainer.global_step

@@ -251,9 +251,16 @@ def test_checkpoints_keep_last_and_resume_auto(
     with caplog.at_level(logging.WARNING):
         assert find_latest(rd / "checkpoints").name == "step00000006.ckpt"
     assert "skipping checkpoint" in caplog.text
+    # saves cut short by a kill (a ZeRO folder, a file): removed as the next run starts
+    stale = [rd / "checkpoints" / ".step00000009.ckpt.tmp", rd / "checkpoints" / ".step7.ckpt.tmp"]
+    (stale[0] / "checkpoint").mkdir(parents=True)
+    (stale[0] / "checkpoint" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    stale[1].write_bytes(b"x")
     with caplog.at_level(logging.INFO):
         run(data, rd, "trainer.max_steps=10", "checkpoint.every_n_steps=2")
     assert "resuming from" in caplog.text and "(step 6)" in caplog.text
+    assert not any(p.exists() for p in stale)
+    assert caplog.text.count("a save that did not finish") == 2
     assert [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r] == list(
         range(1, 11)
     )
