@@ -149,10 +149,27 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def launch_rank(devices: int) -> int:
+    """This process's global rank as its launcher set it, before the Trainer exists: torchrun's
+    RANK, srun's SLURM_PROCID, or NODE_RANK x devices + LOCAL_RANK (Lightning's own launcher).
+    Lightning's first guess leaves NODE_RANK out, so the first process of every node would
+    act as rank 0 while the run folder is prepared (the W&B id, metrics.jsonl)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if SLURMEnvironment.detect():
+        return int(env["SLURM_PROCID"])
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))
+    return node * devices + int(env.get("LOCAL_RANK", 0))
+
+
 def train(cfg: DictConfig) -> RWKVLitModule:
     """Validate `cfg`, then train; returns the module (its `net` holds the final weights)."""
     plan = validate(cfg)
     tc = plan.cfg
+    rank_zero_only.rank = launch_rank(tc.trainer.devices)  # the Trainer sets the same later
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(tc)))

@@ -395,6 +395,9 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two(zero_runs: dict[str, Pat
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    # only global rank 0 prepares the run folder and logs the data mix, not node 1's first rank
+    assert "data: data: 100.00% of samples" in outputs[0]
+    assert "data: data:" not in outputs[1]
     for rank in (0, 1):
         ids = (run_dir / "sample_ids" / f"rank{rank}.txt").read_text()
         assert ids == (zero_runs["zero2"] / "sample_ids" / f"rank{rank}.txt").read_text()

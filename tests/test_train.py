@@ -538,3 +538,27 @@ def test_wandb_offline_keeps_metrics_in_run_dir(data: Path, tmp_path: Path) -> N
         p.read_text(errors="ignore") for p in rd.rglob("*") if p.suffix in (".yaml", ".txt")
     )
     assert "api_key" not in text.lower()
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"NODE_RANK": "1"}, 4),  # the first process of node 1 (Lightning starts the rest)
+        ({"NODE_RANK": "1", "LOCAL_RANK": "3"}, 7),
+        ({"RANK": "5", "LOCAL_RANK": "1", "NODE_RANK": "1"}, 5),  # torchrun
+        ({"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "6"}, 6),  # srun
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash", "SLURM_PROCID": "0", "NODE_RANK": "1"}, 4),
+    ],
+)
+def test_launch_rank_before_the_trainer_exists(
+    env: dict[str, str], rank: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rwkv_train.train import launch_rank
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("SLURM_JOB_NAME", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launch_rank(devices=4) == rank
