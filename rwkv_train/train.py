@@ -149,6 +149,20 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def record_config(run_dir: Path, tc: TrainConfig, start_step: int) -> None:
+    """Write the run's config.yaml. A start with other settings than the last (a larger batch,
+    an anneal, a longer context) first moves the old one to
+    config_history/until_stepN.yaml, N the step this start continues from, so the settings
+    of every stretch of the run stay on record."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(tc))
+    current = run_dir / "config.yaml"
+    if current.exists() and current.read_text() != text:
+        kept = run_dir / "config_history" / f"until_step{start_step:08d}.yaml"
+        kept.parent.mkdir(exist_ok=True)
+        current.replace(kept)
+    current.write_text(text)
+
+
 def launch_rank(devices: int) -> int:
     """This process's global rank as its launcher set it, before the Trainer exists: torchrun's
     RANK, srun's SLURM_PROCID, or NODE_RANK x devices + LOCAL_RANK (Lightning's own launcher).
@@ -172,7 +186,6 @@ def train(cfg: DictConfig) -> RWKVLitModule:
     rank_zero_only.rank = launch_rank(tc.trainer.devices)  # the Trainer sets the same later
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(tc)))
     if tc.trainer.num_threads > 0:
         torch.set_num_threads(tc.trainer.num_threads)
     L.seed_everything(tc.seed, workers=True, verbose=False)
@@ -196,6 +209,8 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         for line in data.mixture(tc.trainer.max_steps * tc.data.global_batch_size):
             log.info("data: %s", line)
     ckpt = resume_from(plan, run_dir)
+    if rank_zero_only.rank == 0:
+        record_config(run_dir, tc, 0 if ckpt is None else checkpoint_step(ckpt))
     load_path = ckpt
     form = None if ckpt is None else resume_form(ckpt, plan.world_size, tc.deepspeed.stage)
     if form is not None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from train_utils import (
     TINY,
     TINY_VOCAB,
@@ -338,6 +339,15 @@ def test_resume_follows_the_configs_lr_schedule(data: Path, tmp_path: Path) -> N
     schedule = LRSchedule.from_config(resumed.cfg.optim, resumed.progress, 8)
     for group in resumed._optimizer.param_groups:  # what the optimizer stepped with last
         assert group["lr"] == pytest.approx(2e-3 * group["lr_mult"] * schedule(8), rel=1e-12)
+    # the settings of steps 1-4 stay on record beside those of the resume
+    history = tmp_path / "a" / "config_history"
+    assert [p.name for p in history.iterdir()] == ["until_step00000004.yaml"]
+    before = OmegaConf.load(history / "until_step00000004.yaml")
+    after = OmegaConf.load(tmp_path / "a" / "config.yaml")
+    assert (before.optim.lr_init, before.trainer.max_steps) == (6e-4, 4)
+    assert (after.optim.lr_init, after.trainer.max_steps) == (2e-3, 8)
+    run(data, tmp_path / "a", *new)  # the same settings again: nothing more kept
+    assert len(list(history.iterdir())) == 1
 
 
 def test_resume_with_another_global_batch_goes_on_from_the_samples_consumed(
