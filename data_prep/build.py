@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import shutil
 import sys
 from collections import Counter, deque
@@ -37,7 +36,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep import encode
+from data_prep import encode, usable_cpus
 from data_prep.manifest import MANIFEST, empty_source, make_manifest, write_json_atomic
 from data_prep.shards import STATE_DIR, GroupWriter, load_group_states, save_group_state
 from data_prep.sources import (
@@ -153,13 +152,6 @@ def check_config(cfg: BuildConfig) -> None:
         raise BuildError("shard_size_tokens and max_doc_tokens must be positive")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise BuildError("val_fraction must be in [0, 1)")
-
-
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _ordered_results(
@@ -369,7 +361,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     fingerprint["files"] = [f for _, files, _ in plans for f in files]
     _prepare_output(out, fingerprint, cfg.overwrite)
 
-    workers = cfg.workers or _default_workers()
+    workers = cfg.workers or usable_cpus()
     encode.set_tokenizer(tok)
     pool = _make_pool(workers, tok) if workers > 1 else None
     part = (cfg.shard_index, cfg.num_shards)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import usable_cpus
 from data_prep.binidx import BinIdxFormatError, BinIdxReader
 from data_prep.manifest import read_manifest, sha256_file
 from data_prep.tokenizer import default_vocab_path, read_vocab
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=min(8, len(os.sched_getaffinity(0))),  # the CPUs a Slurm task may use
+        default=min(8, usable_cpus()),
         help="shards checked at once (default: the usable CPUs, at most 8)",
     )
     args = parser.parse_args(argv)
