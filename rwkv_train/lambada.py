@@ -68,9 +68,10 @@ def collate(items: list[Item]) -> tuple[Tensor, Tensor]:
 def passage_scores(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Per passage of a batch: the log-probability of its word (float64) and whether the top
     choice was right at every word token (bool). Only the word positions are normalised."""
-    rows = targets.ge(0).nonzero()[:, 0]
-    at = logits[targets.ge(0)].float()  # (word tokens in the batch, V)
-    wanted = targets[targets.ge(0)]
+    word = targets.ge(0)
+    rows = word.nonzero()[:, 0]
+    at = logits[word].float()  # (word tokens in the batch, V)
+    wanted = targets[word]
     log_probs = torch.log_softmax(at, dim=-1).gather(1, wanted[:, None])[:, 0].double()
     misses = at.argmax(dim=-1).ne(wanted).double()
     zeros = torch.zeros(len(targets), dtype=torch.float64, device=logits.device)
