@@ -64,10 +64,27 @@ def make_loggers(plan: Plan, run_dir: Path) -> list:
                 resume="allow",
                 save_dir=str(run_dir),
                 tags=list(lc.tags),
+                config=run_config(plan),
                 **kwargs,
             )
         )
     return loggers
+
+
+def run_config(plan: Plan) -> dict:
+    """What W&B shows and filters runs by: the resolved config, and the figures derived from
+    it (ranks, accumulation, parameters, tokens per step). A resume with other settings
+    updates it."""
+    out = OmegaConf.to_container(OmegaConf.structured(plan.cfg), resolve=True)
+    assert isinstance(out, dict)
+    d = plan.cfg.data
+    out["derived"] = {
+        "world_size": plan.world_size,
+        "accumulate": plan.accumulate,
+        "parameters": plan.model.num_params(),
+        "tokens_per_step": d.global_batch_size * d.ctx_len,
+    }
+    return out
 
 
 def close_loggers(loggers: list) -> None:

@@ -539,6 +539,9 @@ def test_wandb_offline_keeps_metrics_in_run_dir(data: Path, tmp_path: Path) -> N
     keys = (b"train/loss", b"optim/lr", b"optim/grad_norm", b"val/loss", b"val/ppl", b"samples")
     for key in keys:
         assert key in history, key
+    # the run's settings, to filter and compare runs by (JSON inside the config record)
+    for setting in (b'"lr_init":0.0006', b'"global_batch_size":2', b'"tokens_per_step":32'):
+        assert setting in history, setting
     # a resumed run logs into the same W&B run id
     run(data, rd, "trainer.max_steps=4", "logger=wandb", "logger.mode=offline")
     assert (rd / "wandb_id.txt").read_text().strip() == run_id
