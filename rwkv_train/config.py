@@ -179,6 +179,9 @@ class LoggerConfig:
     mode: str | None = None
     """W&B mode ("online", "offline", "disabled"); null leaves it to WANDB_MODE."""
     tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    """W&B group: the runs of one sweep shown and compared together (the sweep configs set
+    it)."""
     log_samples_every_n_steps: int = 0
     """Log short RNN-mode samples to the W&B table `samples` every N steps (0: never)."""
 

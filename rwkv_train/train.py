@@ -64,6 +64,7 @@ def make_loggers(plan: Plan, run_dir: Path) -> list:
                 resume="allow",
                 save_dir=str(run_dir),
                 tags=list(lc.tags),
+                group=lc.group,
                 config=run_config(plan),
                 **kwargs,
             )

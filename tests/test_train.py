@@ -532,6 +532,7 @@ def test_wandb_offline_keeps_metrics_in_run_dir(data: Path, tmp_path: Path) -> N
         "logger=wandb",
         "logger.mode=offline",
         "logger.log_samples_every_n_steps=2",
+        "logger.group=lr_sweep_7",
     )
     run_id = (rd / "wandb_id.txt").read_text().strip()
     (first,) = (rd / "wandb").glob(f"offline-run-*-{run_id}")
@@ -540,6 +541,7 @@ def test_wandb_offline_keeps_metrics_in_run_dir(data: Path, tmp_path: Path) -> N
     for key in keys:
         assert key in history, key
     # the run's settings, to filter and compare runs by (JSON inside the config record)
+    assert b"lr_sweep_7" in history  # the W&B group
     for setting in (b'"lr_init":0.0006', b'"global_batch_size":2', b'"tokens_per_step":32'):
         assert setting in history, setting
     # a resumed run logs into the same W&B run id
