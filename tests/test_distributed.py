@@ -371,6 +371,18 @@ def test_zero3_segments_with_block_checkpoints_train_the_same_steps(
         assert abs(a - b) <= 1e-5, (s, a, b)
 
 
+def assert_trains_as(run_dir: Path, reference: Path) -> None:
+    """Each rank read the reference run's samples, and the losses are its losses."""
+    for rank in (0, 1):
+        ids = (run_dir / "sample_ids" / f"rank{rank}.txt").read_text()
+        assert ids == (reference / "sample_ids" / f"rank{rank}.txt").read_text()
+    (steps, losses), (ref_steps, ref_losses) = (
+        zip(*history(d), strict=True) for d in (run_dir, reference)
+    )
+    assert steps == ref_steps
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+
+
 def test_two_nodes_of_one_rank_train_as_one_node_of_two(zero_runs: dict[str, Path]) -> None:
     """`trainer.num_nodes=2 trainer.devices=1`, one process per "node" started by hand with
     NODE_RANK (what a cluster's launcher does): the global ranks, the data each reads and so
@@ -398,14 +410,7 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two(zero_runs: dict[str, Pat
     # only global rank 0 prepares the run folder and logs the data mix, not node 1's first rank
     assert "data: data: 100.00% of samples" in outputs[0]
     assert "data: data:" not in outputs[1]
-    for rank in (0, 1):
-        ids = (run_dir / "sample_ids" / f"rank{rank}.txt").read_text()
-        assert ids == (zero_runs["zero2"] / "sample_ids" / f"rank{rank}.txt").read_text()
-    (steps, losses), (ref_steps, ref_losses) = (
-        zip(*history(d), strict=True) for d in (run_dir, zero_runs["zero2"])
-    )
-    assert steps == ref_steps == (1, 2, 3, 4)
-    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    assert_trains_as(run_dir, zero_runs["zero2"])
 
 
 def test_torchrun_launch_trains_as_lightnings_own(zero_runs: dict[str, Path]) -> None:
@@ -425,14 +430,7 @@ def test_torchrun_launch_trains_as_lightnings_own(zero_runs: dict[str, Path]) ->
         cmd, cwd=zero_runs["root"], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for rank in (0, 1):
-        ids = (run_dir / "sample_ids" / f"rank{rank}.txt").read_text()
-        assert ids == (zero_runs["zero2"] / "sample_ids" / f"rank{rank}.txt").read_text()
-    (steps, losses), (ref_steps, ref_losses) = (
-        zip(*history(d), strict=True) for d in (run_dir, zero_runs["zero2"])
-    )
-    assert steps == ref_steps == (1, 2, 3, 4)
-    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    assert_trains_as(run_dir, zero_runs["zero2"])
 
 
 def test_sigterm_to_torchrun_saves_one_complete_checkpoint(tmp_path: Path) -> None:

@@ -112,6 +112,16 @@ def steps(run_dir: Path) -> list[int]:
         return []
 
 
+def wait_for_steps(env: dict[str, str], job: str, run_dir: Path, n: int) -> None:
+    """Until the running job has logged `n` steps (fails if it stops or takes 2 minutes)."""
+    wait_for(env, job, {"RUNNING"}, timeout=60)
+    deadline = time.monotonic() + 120
+    while not steps(run_dir) or max(steps(run_dir)) < n:
+        info = job_info(env, job)
+        assert time.monotonic() < deadline and info["JobState"] == "RUNNING", info
+        time.sleep(0.2)
+
+
 def train_job(data: Path, run_dir: Path, *extra: str) -> list[str]:
     overrides = train_overrides(
         data, run_dir, "data.micro_batch_size=1", "data.val_samples=0", *extra
@@ -139,12 +149,7 @@ def test_preempted_job_requeues_and_resumes_in_the_same_run(
     job = sbatch(
         cluster, *train_job(data, run_dir, f"trainer.max_steps={max_steps}", "logger=wandb")
     )
-    wait_for(cluster, job, {"RUNNING"}, timeout=60)
-    deadline = time.monotonic() + 120
-    while not steps(run_dir) or max(steps(run_dir)) < 2:
-        info = job_info(cluster, job)
-        assert time.monotonic() < deadline and info["JobState"] == "RUNNING", info
-        time.sleep(0.2)
+    wait_for_steps(cluster, job, run_dir, 2)
     wandb_id = (run_dir / "wandb_id.txt").read_text()
     # what --signal=B:USR1@LEAD does LEAD seconds before the time limit
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
@@ -166,12 +171,7 @@ def test_cancelled_job_saves_its_step_and_is_not_requeued(
     the batch script does not requeue a cancelled job."""
     run_dir = tmp_path / "run"
     job = sbatch(cluster, *train_job(data, run_dir, "trainer.max_steps=400"))
-    wait_for(cluster, job, {"RUNNING"}, timeout=60)
-    deadline = time.monotonic() + 120
-    while not steps(run_dir) or max(steps(run_dir)) < 2:
-        info = job_info(cluster, job)
-        assert time.monotonic() < deadline and info["JobState"] == "RUNNING", info
-        time.sleep(0.2)
+    wait_for_steps(cluster, job, run_dir, 2)
     subprocess.run(["scancel", job], env=cluster, check=True)
     log = run_dir / "jobs" / f"{job}.0" / "train.log"
     deadline = time.monotonic() + 60
