@@ -177,7 +177,8 @@ def record_config(run_dir: Path, tc: TrainConfig, start_step: int) -> None:
     if current.exists() and current.read_text() != text:
         kept = run_dir / "config_history" / f"until_step{start_step:08d}.yaml"
         kept.parent.mkdir(exist_ok=True)
-        current.replace(kept)
+        if not kept.exists():  # else a start since then saved no step: the first one counts
+            current.replace(kept)
     current.write_text(text)
 
 

@@ -348,6 +348,12 @@ def test_resume_follows_the_configs_lr_schedule(data: Path, tmp_path: Path) -> N
     assert (after.optim.lr_init, after.trainer.max_steps) == (2e-3, 8)
     run(data, tmp_path / "a", *new)  # the same settings again: nothing more kept
     assert len(list(history.iterdir())) == 1
+    # two starts from step 8 with other settings, neither training a step: the settings that
+    # trained steps 5-8 are the ones kept
+    run(data, tmp_path / "a", *new, "optim.lr_final=1e-5")
+    run(data, tmp_path / "a", *new, "optim.lr_final=2e-5")
+    kept = OmegaConf.load(history / "until_step00000008.yaml")
+    assert (kept.optim.lr_init, kept.optim.lr_final) == (2e-3, after.optim.lr_final)
 
 
 def test_resume_with_another_global_batch_goes_on_from_the_samples_consumed(
