@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from data_prep.tokenizer import WorldTokenizer
+from rwkv_train.data.dataset import rank_slice
 
 Item = tuple[list[int], list[int]]  # (token 0 + context ids, last-word ids)
 
@@ -106,15 +107,12 @@ def score(net: nn.Module, items: list[Item], batch_size: int = 8) -> dict[str, f
 
 class RankPassages(Dataset):
     """One rank's passages for validation during training (`data.lambada_path`): sorted by
-    length so batches pad little, rank r of `world` takes every world-th. A rank with fewer
-    than the others repeats a passage at weight 0 (counted nowhere): under ZeRO-3 every rank
-    must run the same number of forward passes."""
+    length so batches pad little, rank r of `world` takes every world-th, and a rank with
+    fewer than the others repeats a passage at weight 0 (`rank_slice`)."""
 
     def __init__(self, items: list[Item], rank: int = 0, world: int = 1) -> None:
-        ordered = sorted(items, key=lambda item: len(item[0]) + len(item[1]))
-        mine = [(item, 1.0) for item in ordered[rank::world]]
-        share = -(-len(ordered) // world)
-        self.rows = mine + [(ordered[0], 0.0)] * (share - len(mine))
+        ordered = [(item, 1.0) for item in sorted(items, key=lambda it: len(it[0]) + len(it[1]))]
+        self.rows = rank_slice(ordered, rank, world, (ordered[0][0], 0.0))
 
     def __len__(self) -> int:
         return len(self.rows)

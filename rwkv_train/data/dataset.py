@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -9,6 +10,8 @@ from torch.utils.data import Dataset
 
 from data_prep.binidx import BinIdxReader
 from rwkv_train.data.order import FeistelPermutation, MixtureSchedule
+
+T = TypeVar("T")
 
 
 class TokenStream:
@@ -80,6 +83,14 @@ class ChunkDataset(Dataset):
         return window[:-1], window[1:]
 
 
+def rank_slice(items: Sequence[T], rank: int, world: int, filler: T) -> list[T]:
+    """Rank `rank`'s share of `items` (every world-th), padded with `filler` to the count of
+    the rank with most: under ZeRO-3 every rank must run the same number of forward passes,
+    so a rank with fewer repeats a marked item that counts nowhere."""
+    mine = list(items[rank::world])
+    return mine + [filler] * (-(-len(items) // world) - len(mine))
+
+
 class ValidationChunks(Dataset):
     """The validation samples of one rank: (x, y, source) windows.
 
@@ -106,10 +117,7 @@ class ValidationChunks(Dataset):
             order += [(s, k) for s, n in enumerate(counts) if k < n]
             if len(order) >= total:
                 break
-        order = order[:total]
-        mine = order[rank::world]
-        share = -(-len(order) // world)
-        self.items = mine + [(-1, 0)] * (share - len(mine))
+        self.items = rank_slice(order[:total], rank, world, (-1, 0))
 
     def __len__(self) -> int:
         return len(self.items)
