@@ -17,8 +17,8 @@ replaces it for the length of the training loop. Two signals, two outcomes:
   default), stop, exit `TERMINATED_EXIT` (`Terminated`), which nothing requeues; the same
   command run again resumes from that checkpoint.
 
-`PreemptionCallback` only sets a flag in its signal handler. After every optimizer step the
-ranks all-reduce that flag, so they agree on one stop step even when the signal reaches them
+`PreemptionCallback` only sets a flag in its signal handler. After every optimizer step (and
+after every validation) the ranks all-reduce that flag, so they agree on one stop step even when the signal reaches them
 during different steps, or reaches only one of them; a ZeRO checkpoint needs every rank to write
 its partition of the same step. Then it saves through the run's `CheckpointManager` (atomic,
 found by `resume=auto`) and stops the trainer. A SIGTERM on any rank outranks a SIGUSR1: a
@@ -125,13 +125,24 @@ class PreemptionCallback(L.Callback):
         if step == self._seen_step:  # inside gradient accumulation: no optimizer step yet
             return
         self._seen_step = step
+        self._stop_if_signalled(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation follows an optimizer step: a signal that came during a long one is acted
+        # on now, not one training step later.
+        if trainer.state.fn == "fit":
+            self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
         # any rank's flag stops all of them, at this same step (one small all-reduce per step)
+        if self.stopped_at is not None:
+            return
         if trainer.strategy.reduce_boolean_decision(bool(self.received), all=False):
             term = signal.SIGTERM in self.received
             self.terminated = trainer.strategy.reduce_boolean_decision(term, all=False)
-            if self.manager._last_saved != step:
+            if self.manager._last_saved != trainer.global_step:
                 self.manager.save(trainer)
-            self.stopped_at = step
+            self.stopped_at = trainer.global_step
             trainer.should_stop = True
 
     def stop(self) -> SystemExit | None:

@@ -189,6 +189,32 @@ def test_sigterm_saves_that_step_and_exits_143(
     assert steps(run_dir) == list(range(1, 9))
 
 
+class SignalInValidation(L.Callback):
+    """Sends this process SIGTERM as the validation after `step` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_saves_that_step(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal that arrives during a validation is acted on as it ends: the step validated
+    is saved, no further training step is taken first."""
+    build = train_mod.callbacks
+    monkeypatch.setattr(train_mod, "callbacks", lambda *a: [SignalInValidation(2), *build(*a)])
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(data, run_dir, "trainer.max_steps=8", "trainer.val_every_n_steps=2")
+    with pytest.raises(Terminated) as stop:
+        train_mod.train(compose_train(overrides))
+    assert stop.value.step == 2 and steps(run_dir) == [1, 2]
+    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 2
+
+
 def test_sbatch_script_on_sigterm_saves_and_does_not_requeue(
     data: Path, tmp_path: Path, fake_slurm: dict[str, str]
 ) -> None:
