@@ -18,11 +18,11 @@ replaces it for the length of the training loop. Two signals, two outcomes:
   command run again resumes from that checkpoint.
 
 `PreemptionCallback` only sets a flag in its signal handler. After every optimizer step (and
-after every validation) the ranks all-reduce that flag, so they agree on one stop step even when the signal reaches them
-during different steps, or reaches only one of them; a ZeRO checkpoint needs every rank to write
-its partition of the same step. Then it saves through the run's `CheckpointManager` (atomic,
-found by `resume=auto`) and stops the trainer. A SIGTERM on any rank outranks a SIGUSR1: a
-cancelled job must not requeue itself.
+after every validation) the ranks all-reduce that flag, so they agree on one stop step even
+when the signal reaches them during different steps, or reaches only one of them; a ZeRO
+checkpoint needs every rank to write its partition of the same step. Then it saves through
+the run's `CheckpointManager` (atomic, found by `resume=auto`) and stops the trainer. A
+SIGTERM on any rank outranks a SIGUSR1: a cancelled job must not requeue itself.
 
 `python -m rwkv_train.preempt OVERRIDES...` prints the run folder those overrides train in and
 records the job there (`jobs/<job id>.<restart>/`: resolved config, git commit); the batch
