@@ -138,66 +138,54 @@ def test_sbatch_script_requeues_on_the_signal_and_resumes(
 
 
 class SignalAt(L.Callback):
-    """Sends this process `signum` when the trainer reaches `step`."""
+    """Sends this process `signum` when the trainer reaches `step`, or with
+    `in_validation` as the validation after that step starts."""
 
-    def __init__(self, step: int, signum: int = signal.SIGUSR1) -> None:
-        self.step, self.signum = step, signum
+    def __init__(
+        self, step: int, signum: int = signal.SIGUSR1, in_validation: bool = False
+    ) -> None:
+        self.step, self.signum, self.in_validation = step, signum, in_validation
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
+    def _send(self, trainer: L.Trainer, in_validation: bool) -> None:
+        if trainer.global_step == self.step and in_validation == self.in_validation:
             os.kill(os.getpid(), self.signum)
 
-
-def test_signal_saves_that_step_and_exits_for_requeue(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    build = train_mod.callbacks
-    monkeypatch.setattr(train_mod, "callbacks", lambda *a: [SignalAt(3), *build(*a)])
-    run_dir = tmp_path / "run"
-    overrides = train_overrides(data, run_dir, "trainer.max_steps=8", "data.val_samples=0")
-    with pytest.raises(Preempted) as stop:
-        train_mod.train(compose_train(overrides))
-    assert stop.value.code == REQUEUE_EXIT and stop.value.step == 3
-    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 3
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler removed after fit
-
-    monkeypatch.setattr(train_mod, "callbacks", build)
-    train_mod.train(compose_train(overrides))
-    assert steps(run_dir) == list(range(1, 9))
-
-
-def test_sigterm_saves_that_step_and_exits_143(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What scancel or a pod eviction sends. Lightning's own handler would end the fit at the
-    next batch with exit code 0 and no checkpoint; ours saves the step and exits 143."""
-    build = train_mod.callbacks
-    monkeypatch.setattr(
-        train_mod, "callbacks", lambda *a: [SignalAt(3, signal.SIGTERM), *build(*a)]
-    )
-    run_dir = tmp_path / "run"
-    overrides = train_overrides(data, run_dir, "trainer.max_steps=8", "data.val_samples=0")
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated) as stop:
-        train_mod.train(compose_train(overrides))
-    assert stop.value.code == TERMINATED_EXIT == 143 and stop.value.step == 3
-    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 3
-    assert signal.getsignal(signal.SIGTERM) is before  # Lightning's and ours both removed
-
-    monkeypatch.setattr(train_mod, "callbacks", build)
-    train_mod.train(compose_train(overrides))
-    assert steps(run_dir) == list(range(1, 9))
-
-
-class SignalInValidation(L.Callback):
-    """Sends this process SIGTERM as the validation after `step` starts."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self._send(trainer, in_validation=False)
 
     def on_validation_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._send(trainer, in_validation=True)
+
+
+@pytest.mark.parametrize(
+    ("signum", "stop_type", "code"),
+    [(signal.SIGUSR1, Preempted, REQUEUE_EXIT), (signal.SIGTERM, Terminated, TERMINATED_EXIT)],
+)
+def test_signal_saves_that_step_and_exits_with_its_code(
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signum: int,
+    stop_type: type[SystemExit],
+    code: int,
+) -> None:
+    """SIGUSR1 (Slurm's warning) exits 75 for the batch script to requeue; SIGTERM (scancel,
+    a pod eviction) exits 143. Lightning's own SIGTERM handler would end the fit at the next
+    batch with exit code 0 and no checkpoint."""
+    build = train_mod.callbacks
+    monkeypatch.setattr(train_mod, "callbacks", lambda *a: [SignalAt(3, signum), *build(*a)])
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(data, run_dir, "trainer.max_steps=8", "data.val_samples=0")
+    before = signal.getsignal(signum)
+    with pytest.raises(stop_type) as stop:
+        train_mod.train(compose_train(overrides))
+    assert stop.value.code == code and stop.value.step == 3
+    assert checkpoint_step(find_latest(run_dir / "checkpoints")) == 3
+    assert signal.getsignal(signum) is before  # handlers (ours, Lightning's) removed after fit
+
+    monkeypatch.setattr(train_mod, "callbacks", build)
+    train_mod.train(compose_train(overrides))
+    assert steps(run_dir) == list(range(1, 9))
 
 
 def test_sigterm_during_validation_saves_that_step(
@@ -206,7 +194,8 @@ def test_sigterm_during_validation_saves_that_step(
     """A signal that arrives during a validation is acted on as it ends: the step validated
     is saved, no further training step is taken first."""
     build = train_mod.callbacks
-    monkeypatch.setattr(train_mod, "callbacks", lambda *a: [SignalInValidation(2), *build(*a)])
+    signal_it = SignalAt(2, signal.SIGTERM, in_validation=True)
+    monkeypatch.setattr(train_mod, "callbacks", lambda *a: [signal_it, *build(*a)])
     run_dir = tmp_path / "run"
     overrides = train_overrides(data, run_dir, "trainer.max_steps=8", "trainer.val_every_n_steps=2")
     with pytest.raises(Terminated) as stop:
