@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from rwkv_train.data.manifest import Manifest, ManifestError, load_manifest, split_by_source
-from rwkv_train.lambada import Item, encode, read_passages
+from rwkv_train.lambada import Item, encode, largest_id, read_passages
 from rwkv_train.model import RWKVConfig
 
 log = logging.getLogger(__name__)
@@ -338,10 +338,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
         field_name = "data.path" if i == 0 and not isinstance(d.path, list) else f"data.path[{i}]"
         if entry.weight <= 0:
             raise ConfigError(f"{field_name}.weight", f"must be positive, got {entry.weight}")
-        try:
-            manifest = load_manifest(entry.path)
-        except ManifestError as e:
-            raise ConfigError(field_name, str(e)) from None
+        manifest = _load(field_name, entry.path)
         if not manifest.train:
             raise ConfigError(field_name, f"{manifest.path} lists no train shards")
         if manifest.train_tokens < d.ctx_len + 1:
@@ -434,13 +431,21 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
     return Plan(tc, model, sources, val, accumulate, world_size, init_from, lambada)
 
 
+def _load(field_name: str, path: str | Path) -> Manifest:
+    """The manifest of a data folder named by `field_name`; its faults name that field."""
+    try:
+        return load_manifest(path)
+    except ManifestError as e:
+        raise ConfigError(field_name, str(e)) from None
+
+
 def _lambada_items(path: str, model: RWKVConfig) -> list[Item]:
     """data.lambada_path's passages, tokenized; their ids must be the model's."""
     try:
         items = encode(read_passages(path))
     except (OSError, ValueError) as e:
         raise ConfigError("data.lambada_path", str(e)) from None
-    top = max(max(ctx + word) for ctx, word in items)
+    top = largest_id(items)
     if top >= model.vocab_size:
         raise ConfigError(
             "data.lambada_path",
@@ -458,10 +463,7 @@ def _val_manifests(d: DataConfig, model: RWKVConfig) -> list[Manifest]:
         name = "data.val_path" if len(paths) == 1 else f"data.val_path[{i}]"
         if not isinstance(path, str | Path):
             raise ConfigError(name, f"expected a data-prep folder, got {path!r}")
-        try:
-            manifest = load_manifest(path)
-        except ManifestError as e:
-            raise ConfigError(name, str(e)) from None
+        manifest = _load(name, path)
         if not manifest.val:
             raise ConfigError(name, f"{manifest.path} has no val shards")
         if model.vocab_size < manifest.vocab_size:

@@ -33,7 +33,7 @@ from rwkv_train.data.loader import val_sources
 from rwkv_train.data.manifest import ManifestError
 from rwkv_train.export import resolve_checkpoint
 from rwkv_train.generate import load_model
-from rwkv_train.lambada import encode, read_passages, score
+from rwkv_train.lambada import encode, largest_id, read_passages, score
 from rwkv_train.model import RWKV
 from rwkv_train.validation import ValidationLoss, summary
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no val shards with ctx_len+1 = {args.ctx_len + 1} tokens in {args.data}")
     vocab = max((m.vocab_size for m in manifests), default=0)
     if lambada is not None:  # the largest id of its passages must be one the model has
-        vocab = max(vocab, 1 + max(max(c + w) for c, w in lambada))
+        vocab = max(vocab, 1 + largest_id(lambada))
     for path, source in zip(args.models, sources, strict=True):
         net = load_model(source).to(args.device)
         if net.cfg.vocab_size < vocab:

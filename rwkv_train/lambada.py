@@ -52,6 +52,11 @@ def encode(passages: list[tuple[str, str]], tokenizer: WorldTokenizer | None = N
     return [([0, *tok.encode(context)], tok.encode(word)) for context, word in passages]
 
 
+def largest_id(items: list[Item]) -> int:
+    """The largest token id of the passages: a model needs a vocabulary above it."""
+    return max(max(ctx + word) for ctx, word in items)
+
+
 def collate(items: list[Item]) -> tuple[Tensor, Tensor]:
     """A batch of passages padded on the right with 0: token ids x (B, T), and targets (B, T),
     the word token each position's logits must predict, -1 where there is none. The model is
