@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_prep import encode, usable_cpus
 from data_prep.manifest import MANIFEST, empty_source, make_manifest, write_json_atomic
+from data_prep.progress import Progress
 from data_prep.shards import STATE_DIR, GroupWriter, load_group_states, save_group_state
 from data_prep.sources import (
     TOO_LONG,
@@ -76,7 +77,7 @@ class BuildConfig:
     overwrite: delete a previous build in output_dir instead of resuming it.
     shard_index / num_shards: build only part shard_index of num_shards (clusters).
     tokenizer_backend: auto | cpp | python.
-    progress: show a progress bar.
+    progress: show progress (a bar on a terminal, a line a minute in a log file).
     """
 
     output_dir: str = "???"
@@ -418,33 +419,20 @@ def _run_source(
     workers: int,
     part: tuple[int, int],
 ) -> None:
-    from tqdm import tqdm
-
     val_fraction = cfg.val_fraction if spec.val_fraction is None else spec.val_fraction
     batches = iter_batches(
         index, spec, files, fmt, packer.position, cfg.batch_bytes, cfg.batch_records, part
     )
     window = max(1, workers * cfg.in_flight_per_worker)
-    bar = tqdm(
-        desc=spec.name,
-        unit="B",
-        unit_scale=True,
-        disable=not cfg.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    bar = Progress(spec.name, enabled=cfg.progress)
     try:
         for head, enc in _ordered_results(batches, pool, window, val_fraction, cfg.strict):
             if enc is None:
                 packer.problem(head)  # type: ignore[arg-type]
                 continue
             packer.batch(head, enc)  # type: ignore[arg-type]
-            bar.update(enc.nbytes)
-            bar.set_postfix(
-                docs=packer.counters["documents_written"],
-                tokens=packer.counters["tokens"],
-                refresh=False,
-            )
+            counters = packer.counters
+            bar.update(enc.nbytes, docs=counters["documents_written"], tokens=counters["tokens"])
         packer.finish_group(final=True)
     except BaseException:
         packer.writer.abort()

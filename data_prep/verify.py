@@ -9,7 +9,8 @@ it can gate a training job.
 
 A World-scale build is terabytes, so each .bin is read once, its checksum and its largest id
 taken from the same blocks, and shards are checked on `--workers` threads (hashlib and numpy
-release the GIL on large buffers), with a progress bar on a terminal.
+release the GIL on large buffers). Progress shows as a bar on a terminal, as a line a minute
+in a batch job's log.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from data_prep import usable_cpus
 from data_prep.binidx import BinIdxFormatError, BinIdxReader
 from data_prep.manifest import read_manifest, sha256_file
+from data_prep.progress import Progress
 from data_prep.tokenizer import default_vocab_path, read_vocab
 
 BLOCK = 1 << 23  # bytes read at a time (even, so every block but the last holds whole ids)
@@ -186,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         help="shards checked at once (default: the usable CPUs, at most 8)",
     )
     args = parser.parse_args(argv)
-    from tqdm import tqdm
-
-    shards = _shard_bytes(args.folder)
-    with tqdm(
-        total=shards, unit="B", unit_scale=True, desc="verify", file=sys.stderr, disable=None
-    ) as bar:
+    with Progress("verify", total=_shard_bytes(args.folder)) as bar:
         problems = verify(args.folder, not args.no_checksums, args.workers, bar.update)
     if problems:
         for p in problems:

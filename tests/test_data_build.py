@@ -439,12 +439,25 @@ def test_demo_corpus_builds_and_verifies(tmp_path):
         f"corpus.root={tmp_path / 'corpus'}",
         f"output_dir={out}",
         "workers=2",
-        "progress=false",
     ]
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "data_prep.verify", str(out)], env=env, check=True)
+    built = subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+    checked = subprocess.run(
+        [sys.executable, "-m", "data_prep.verify", str(out)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     names = {s["name"]: s for s in manifest["sources"]}
+    # Off a terminal (a batch job's log), progress is plain lines, no carriage-return redraws.
+    assert "\r" not in built.stderr + checked.stderr
+    for name, source in names.items():
+        counts = f"docs {source['documents_written']}, tokens {source['tokens']}"
+        assert any(
+            line.startswith(f"{name}: ") and counts in line for line in built.stderr.splitlines()
+        )
+    assert "verify: " in checked.stderr and " (100.0 %), " in checked.stderr
     assert names["stdlib_code"]["documents_written"] > 10
     assert names["cjk"]["documents_written"] == len(cjk_texts())
 
