@@ -131,6 +131,39 @@ def _remove(path: Path) -> None:
     failed_path(path).unlink(missing_ok=True)
 
 
+class CheckpointSpaceError(RuntimeError):
+    """A checkpoint that cannot fit on its disk: every rank stops with this, at once."""
+
+
+# A full training state holds at least 12 bytes a parameter: fp32 weights or master weights
+# (4) and Adam's two moments (8); bf16 ZeRO adds the 2-byte module weights. The first save of
+# a run has only this lower bound to go by; later ones the size of the previous checkpoint.
+MIN_BYTES_PER_PARAMETER = 12
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free space for `folder`, which need not exist yet on this node."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _expected_bytes(folder: Path, module: torch.nn.Module) -> int:
+    """What the next checkpoint will take: the newest complete one's size, or a lower bound."""
+    for _step, path in reversed(list_checkpoints(folder)):
+        try:
+            return int(json.loads(path.with_suffix(".json").read_text())["bytes"])
+        except (OSError, ValueError, KeyError):
+            continue
+    # ZeRO-3 leaves each rank a partition; `ds_numel` is the whole parameter's size
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    return MIN_BYTES_PER_PARAMETER * numel
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def _multiple(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
@@ -180,6 +213,7 @@ class CheckpointManager(L.Callback):
             self.folder.mkdir(parents=True, exist_ok=True)
             _remove(tmp)
         trainer.strategy.barrier()  # the temporary name is free before anyone writes
+        self._check_space(trainer, step)
         trainer.save_checkpoint(tmp, weights_only=False)
         for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
             with open(f, "rb") as fh:  # each rank syncs what it wrote (a folder: all it sees)
@@ -201,3 +235,25 @@ class CheckpointManager(L.Callback):
                     _remove(old)
         self._last_saved = step
         return final
+
+    def _check_space(self, trainer: L.Trainer, step: int) -> None:
+        """Stop every rank together when a rank's disk cannot hold the checkpoint.
+
+        A rank whose write fails in the middle of a ZeRO save leaves the others waiting in
+        DeepSpeed's collectives until the NCCL timeout. A full disk, the usual cause, is
+        found here first, and every rank raises at the same point instead."""
+        need = _expected_bytes(self.folder, trainer.lightning_module)
+        free = _free_bytes(self.folder)
+        if not trainer.strategy.reduce_boolean_decision(free < need, all=False):
+            return
+        where = f"checkpoint of step {step} in {self.folder}"
+        if free < need:
+            raise CheckpointSpaceError(
+                f"no room for the {where}: it needs about {_gib(need)}, {_gib(free)} free on "
+                f"rank {trainer.global_rank}. Free space (older runs' checkpoints, "
+                "checkpoint.keep_last) and rerun the same command to resume."
+            )
+        raise CheckpointSpaceError(
+            f"no room for the {where} on another rank's disk (its log says how much); "
+            f"{_gib(free)} free here"
+        )

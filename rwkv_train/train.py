@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rwkv_train.checkpoint import (
     CheckpointManager,
+    CheckpointSpaceError,
     checkpoint_step,
     find_latest,
     is_valid,
@@ -298,7 +299,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:  # the message names the field: a traceback would bury it
         log.error("%s", e)
         sys.exit(2)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointSpaceError) as e:  # every rank stops with the message
         log.error("%s", e)
         sys.exit(1)
 

@@ -460,3 +460,33 @@ def test_sigterm_to_torchrun_saves_one_complete_checkpoint(tmp_path: Path) -> No
     saved = checkpoint_step(ckpt)
     assert shard_ranks(ckpt) == {0, 1} and saved == max(s for s, _ in history(run_dir)) < 400
     assert out.count(f"terminated (SIGTERM): checkpoint saved at step {saved}") == 2
+
+
+def test_a_full_disk_on_one_rank_stops_both_before_the_save(
+    zero_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Rank 1's disk reports no space (patched in that process only): both ranks stop with
+    the reason before DeepSpeed's collective save starts, so neither waits for the other."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, shutil\n"
+        "if os.environ.get('LOCAL_RANK') == '1':\n"
+        "    real = shutil.disk_usage\n"
+        "    shutil.disk_usage = lambda p: real(p)._replace(free=0)\n"
+    )
+    env = environment()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    run_dir = tmp_path / "run"
+    cmd = command(
+        zero_runs["data"], run_dir, "deepspeed=zero2", "trainer.max_steps=4",
+        "checkpoint.every_n_steps=2",
+    )  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=zero_runs["root"], env=env, capture_output=True, text=True, timeout=240
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    assert "no room for the checkpoint of step 2" in out and "free on rank 1" in out, out[-3000:]
+    assert "on another rank's disk" in out, out[-3000:]
+    assert list((run_dir / "checkpoints").iterdir()) == []

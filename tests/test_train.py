@@ -1,6 +1,7 @@
 """The trainer end to end on the CPU: learning, accumulation invariance, checkpoints, export,
 W&B offline, non-finite losses."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from train_utils import (
 
 from rwkv_train import lit_module
 from rwkv_train.bptt import segmented_loss
-from rwkv_train.checkpoint import find_latest, list_checkpoints
+from rwkv_train.checkpoint import CheckpointSpaceError, find_latest, list_checkpoints
 from rwkv_train.config import ConfigError, OptimConfig, validate
 from rwkv_train.data import ChunkDataset, TokenStream, load_manifest
 from rwkv_train.data.loader import val_sources
@@ -527,6 +528,35 @@ def test_nonfinite_loss_stops_with_checkpoint(
     record = read_metrics(rd / "metrics.jsonl")
     assert record[-1]["train/nonfinite_skipped"] == 3  # two skipped, the third stops
     assert find_latest(rd / "checkpoints") is not None
+
+
+def test_a_checkpoint_that_cannot_fit_stops_the_run_before_writing(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first save goes by a lower bound of a checkpoint's size, later ones by the previous
+    checkpoint's: a disk short of either stops the run at once, with nothing half-written."""
+    import shutil
+
+    free = {"bytes": 2**50}
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free["bytes"]))
+    rd = tmp_path / "run"
+    net = run(data, rd, "trainer.max_steps=4", "checkpoint.every_n_steps=2").net
+    size = json.loads((rd / "checkpoints" / "step00000004.json").read_text())["bytes"]
+    params = sum(p.numel() for p in net.parameters())
+    assert 12 * params < size < 13 * params  # the lower bound holds, and is close
+    free["bytes"] = size - 1
+    with pytest.raises(CheckpointSpaceError, match=r"step 6 .* needs about .* free on rank 0"):
+        run(data, rd, "trainer.max_steps=8", "checkpoint.every_n_steps=2")
+    assert [s for s, _ in list_checkpoints(rd / "checkpoints")] == [2, 4]
+    assert sorted(p.name for p in (rd / "checkpoints").iterdir() if p.name.startswith(".")) == []
+    free["bytes"] = 12 * params - 1
+    with pytest.raises(CheckpointSpaceError, match="step 2 in"):
+        run(data, tmp_path / "fresh", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    assert not list((tmp_path / "fresh" / "checkpoints").iterdir())
+    free["bytes"] = size
+    run(data, rd, "trainer.max_steps=6", "checkpoint.every_n_steps=2")
+    assert [s for s, _ in list_checkpoints(rd / "checkpoints")][-1] == 6
 
 
 def test_wandb_offline_keeps_metrics_in_run_dir(data: Path, tmp_path: Path) -> None:
