@@ -28,7 +28,8 @@ def _size(n: float, unit: str) -> str:
     return f"{n:.2f} T{unit}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """`1h02m` or `3m05s`: the precision a person watching a long job wants."""
     minutes, s = divmod(int(seconds), 60)
     hours, m = divmod(minutes, 60)
     return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
@@ -98,9 +99,9 @@ class Progress:
             parts[0] += f" of {_size(self.total, self.unit)} ({100 * self.done / self.total:.1f} %)"
         parts.append(f"{_size(rate, self.unit)}/s")
         parts += [f"{k} {v}" for k, v in self.postfix.items()]
-        parts.append(f"{_duration(elapsed)} elapsed")
+        parts.append(f"{duration(elapsed)} elapsed")
         if self.total and rate > 0 and self.done < self.total:
-            parts.append(f"about {_duration((self.total - self.done) / rate)} left")
+            parts.append(f"about {duration((self.total - self.done) / rate)} left")
         return f"{self.desc}: " + ", ".join(parts)
 
     def _write(self, now: float) -> None:

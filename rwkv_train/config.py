@@ -96,6 +96,8 @@ class TrainerConfig:
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; null looks the device up in metrics.PEAK_FLOPS."""
     progress_bar: bool = True
+    """Lightning's bar on a terminal; when stdout is a file, a log line a minute instead
+    (rwkv_train/progress_lines.py)."""
 
 
 @dataclass

@@ -38,6 +38,7 @@ from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
 from rwkv_train.preempt import PreemptionCallback, Terminated, slurm_plugins
+from rwkv_train.progress_lines import ProgressLines
 from rwkv_train.reshard import ensure_loadable
 from rwkv_train.samples import SampleLogger
 
@@ -103,10 +104,13 @@ def close_loggers(loggers: list) -> None:
 
 
 def callbacks(tc: TrainConfig, run_dir: Path) -> list[L.Callback]:
-    """Checkpoints and their save on SIGUSR1 or SIGTERM (see rwkv_train/preempt.py) always; W&B
-    text samples when the wandb logger asks for them."""
+    """Checkpoints and their save on SIGUSR1 or SIGTERM (see rwkv_train/preempt.py) always;
+    progress as log lines when the output is not a terminal (Lightning's bar, which writes to
+    stdout, is kept for one); W&B text samples when the wandb logger asks for them."""
     manager = CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))
     out: list[L.Callback] = [manager, PreemptionCallback(manager)]
+    if tc.trainer.progress_bar and not sys.stdout.isatty():
+        out.append(ProgressLines())
     if tc.logger.name == "wandb" and tc.logger.log_samples_every_n_steps > 0:
         out.append(SampleLogger(tc.logger.log_samples_every_n_steps))
     return out
