@@ -144,6 +144,8 @@ class PreemptionCallback(L.Callback):
                 self.manager.save(trainer)
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
+            # Lightning validates a fit stopped early before it ends: not in a grace period
+            trainer.limit_val_batches = 0
 
     def stop(self) -> SystemExit | None:
         """The exit for a run this callback stopped (None if it ran to its end)."""

@@ -103,12 +103,23 @@ def close_loggers(loggers: list) -> None:
             wandb.teardown()  # stops W&B's service process, which flushes the run's files
 
 
+class ValidateAtTheEnd(L.Callback):
+    """Lightning validates every `val_check_interval` batches, so a run whose max_steps is not
+    a multiple of trainer.val_every_n_steps would end unvalidated. A fit stopped at its last
+    step is validated there by Lightning (once, when that step was due anyway)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
 def callbacks(tc: TrainConfig, run_dir: Path) -> list[L.Callback]:
-    """Checkpoints and their save on SIGUSR1 or SIGTERM (see rwkv_train/preempt.py) always;
-    progress as log lines when the output is not a terminal (Lightning's bar, which writes to
-    stdout, is kept for one); W&B text samples when the wandb logger asks for them."""
+    """Checkpoints and their save on SIGUSR1 or SIGTERM (see rwkv_train/preempt.py) and a
+    validation at the last step, always; progress as log lines when the output is not a
+    terminal (Lightning's bar, which writes to stdout, is kept for one); W&B text samples when
+    the wandb logger asks for them."""
     manager = CheckpointManager(run_dir / "checkpoints", **vars(tc.checkpoint))
-    out: list[L.Callback] = [manager, PreemptionCallback(manager)]
+    out: list[L.Callback] = [manager, PreemptionCallback(manager), ValidateAtTheEnd()]
     if tc.trainer.progress_bar and not sys.stdout.isatty():
         out.append(ProgressLines())
     if tc.logger.name == "wandb" and tc.logger.log_samples_every_n_steps > 0:

@@ -222,6 +222,20 @@ def test_validation_measures_every_source_and_position(tmp_path: Path) -> None:
     assert record["val/loss_by_pos/64-79"] == pytest.approx(every[:, 64:].mean(), rel=1e-5)
 
 
+def test_validation_every_n_steps_and_at_the_end(data: Path, tmp_path: Path) -> None:
+    """Validated at every multiple of trainer.val_every_n_steps, and at the last step when it is
+    not one, also after a resume; a run whose last step is a multiple validates there once."""
+    rd = tmp_path / "run"
+
+    def validated() -> list[int]:
+        return [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "val/loss" in r]
+
+    run(data, rd, "trainer.max_steps=5", "trainer.val_every_n_steps=2")
+    assert validated() == [2, 4, 5]
+    run(data, rd, "trainer.max_steps=8", "trainer.val_every_n_steps=2")
+    assert validated() == [2, 4, 5, 6, 8]
+
+
 def test_validation_on_another_folder(data: Path, tmp_path: Path) -> None:
     """data.val_path measures that folder's val shards, not the training data's: the logged
     figures are evaluate()'s of the final model on it."""
