@@ -223,7 +223,7 @@ class _Packer:
         lengths = enc.lengths.tolist()
         val = enc.val.tolist()
         limit, shard_size = self.cfg.max_doc_tokens, self.cfg.shard_size_tokens
-        counters, rejected = self.counters, self.counters["rejected"]
+        counters = self.counters
         run_split, run_start, run_tokens = "", 0, 0  # pending documents [run_start, doc)
         doc = 0
 
@@ -236,7 +236,7 @@ class _Packer:
             counters["documents_in"] += 1
             self.position = pos
             if reason is not None:
-                rejected[reason] = rejected.get(reason, 0) + 1
+                self._reject(reason, f"{b.label}: record {pos[1]}")
             else:
                 split = "val" if val[doc] else "train"
                 n = lengths[doc]
@@ -277,6 +277,7 @@ class _Packer:
 
     def finish_group(self, final: bool) -> None:
         entries = self.writer.finish()
+        # A new dict, so count rejects through self.counters (or _reject), never a saved one.
         self.counters["rejected"] = dict(sorted(self.counters["rejected"].items()))
         save_group_state(
             self.out, self.name, self.group, self.position, final, self.counters, entries

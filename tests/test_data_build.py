@@ -491,3 +491,19 @@ def test_build_demo_data_helper(tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     assert {s["split"] for s in manifest["shards"]} == {"train", "val"}
     assert build_demo_data(tmp_path / "demo", workers=1) == data  # a rerun resumes
+
+
+def test_rejects_after_a_group_closes_mid_batch_are_counted(tmp_path):
+    """Every document closes a group here (shard_size_tokens=1), so groups close in the middle
+    of each batch: the rejects after that are still counted, whatever the batch size."""
+    src = tmp_path / "rej.jsonl"
+    lines = ['{"text": "hello"}', '{"text": ""}', '{"text": "world"}', '{"x": 1}', "[1]"]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    manifests = [
+        build(cfg(tmp_path / f"b{n}", [src], shard_size_tokens=1, batch_records=n))
+        for n in (1, 2, 4096)
+    ]
+    assert verify(tmp_path / "b4096") == []
+    rejected = {"empty_document": 1, "missing_text_field": 1, "not_a_json_object": 1}
+    assert manifests[-1]["sources"][0]["rejected"] == rejected
+    assert manifests[0] == manifests[1] == manifests[2]
