@@ -69,7 +69,8 @@ class BuildConfig:
     shard_size_tokens: a shard group is closed once it holds this many tokens.
     max_doc_tokens: longer documents are split or rejected (`long_docs`), never truncated.
     long_docs: split | reject.
-    shuffle: permute the documents within each shard, seeded by `seed`.
+    shuffle: permute the documents within each shard, seeded by `seed` (a split document moves
+        as one, its pieces in order).
     workers: tokenizing processes; null means one per available core.
     batch_bytes / batch_records: size of a unit of work sent to a worker.
     in_flight_per_worker: batches queued per worker (bounds memory).
@@ -246,7 +247,7 @@ class _Packer:
                     if self.cfg.long_docs == "reject":
                         self._reject(TOO_LONG, f"{b.label}: record {pos[1]}")
                     else:
-                        self._write(split, enc.tokens[offsets[doc] : offsets[doc + 1]], limit)
+                        self._write_split(split, enc.tokens[offsets[doc] : offsets[doc + 1]], limit)
                 else:
                     if split != run_split:
                         flush()
@@ -261,17 +262,13 @@ class _Packer:
                 self.finish_group(final=False)
         flush()
 
-    def _write(self, split: str, tokens: np.ndarray, limit: int) -> None:
-        if len(tokens) - 1 > limit:
-            body = len(tokens) - 1
-            starts = range(0, body, limit)
-            for start in starts:
-                end = min(start + limit, body)
-                self.writer.add(split, tokens[start : end + (1 if end == body else 0)])
-            self.counters["documents_split"] += 1
-            self.counters["extra_pieces"] += len(starts) - 1
-        else:
-            self.writer.add(split, tokens)
+    def _write_split(self, split: str, tokens: np.ndarray, limit: int) -> None:
+        """A document over the limit: pieces of `limit` tokens, the last with the token 0."""
+        starts = range(0, len(tokens) - 1, limit)
+        pieces = [tokens[start : start + limit] for start in starts[:-1]] + [tokens[starts[-1] :]]
+        self.writer.add_pieces(split, pieces)
+        self.counters["documents_split"] += 1
+        self.counters["extra_pieces"] += len(pieces) - 1
         self.counters["documents_written"] += 1
         self.counters["tokens"] += len(tokens)
 

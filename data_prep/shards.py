@@ -40,6 +40,7 @@ class GroupWriter:
         self.out_dir, self.name, self.source, self.group = out_dir, name, source, group
         self.shuffle_seed = shuffle_seed
         self.writers: dict[str, BinIdxWriter] = {}
+        self.pieces: dict[str, list[tuple[int, int]]] = {}  # split -> (first, count) of each
         self.tokens = 0
 
     def _writer(self, split: str) -> BinIdxWriter:
@@ -49,10 +50,17 @@ class GroupWriter:
             writer = self.writers[split] = BinIdxWriter(prefix)
         return writer
 
-    def add(self, split: str, tokens: np.ndarray) -> None:
-        """Append one document (already ending in token 0, unless it is a split-off piece)."""
-        self._writer(split).add_document(tokens)
-        self.tokens += len(tokens)
+    def add_pieces(self, split: str, pieces: list[np.ndarray]) -> None:
+        """Append a long document as consecutive binidx documents (only the last ends in 0).
+
+        The pieces stay together, in order, when the group is shuffled: a piece is not a
+        document, and one moved elsewhere would run into an unrelated document.
+        """
+        writer = self._writer(split)
+        self.pieces.setdefault(split, []).append((len(writer), len(pieces)))
+        for piece in pieces:
+            writer.add_document(piece)
+            self.tokens += len(piece)
 
     def add_many(self, split: str, tokens: np.ndarray, sizes: np.ndarray) -> None:
         """Append consecutive documents of one split in one write."""
@@ -68,8 +76,7 @@ class GroupWriter:
                 continue
             order = None
             if self.shuffle_seed is not None:
-                key = [self.shuffle_seed, zlib.crc32(self.name.encode()), self.group, len(split)]
-                order = np.random.default_rng(key).permutation(len(writer))
+                order = self._order(split, len(writer))
             writer.close(order)
             entries.append(
                 {
@@ -83,6 +90,22 @@ class GroupWriter:
                 }
             )
         return entries
+
+    def _order(self, split: str, n: int) -> np.ndarray:
+        """A seeded permutation of the documents, keeping each split document's pieces together.
+
+        The binidx documents (pieces included) are numbered 0..n-1; a permutation of the whole
+        documents is expanded into theirs, so without split documents it is the permutation.
+        """
+        first = np.ones(n, dtype=bool)  # whether binidx document i starts a document
+        for start, count in self.pieces.get(split, []):
+            first[start + 1 : start + count] = False
+        document = np.cumsum(first) - 1  # the document each binidx document belongs to
+        key = [self.shuffle_seed, zlib.crc32(self.name.encode()), self.group, len(split)]
+        perm = np.random.default_rng(key).permutation(int(document[-1]) + 1)
+        rank = np.empty_like(perm)
+        rank[perm] = np.arange(len(perm))
+        return np.argsort(rank[document], kind="stable")
 
     def abort(self) -> None:
         """Remove the temporary files of an unfinished group."""

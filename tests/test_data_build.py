@@ -507,3 +507,24 @@ def test_rejects_after_a_group_closes_mid_batch_are_counted(tmp_path):
     rejected = {"empty_document": 1, "missing_text_field": 1, "not_a_json_object": 1}
     assert manifests[-1]["sources"][0]["rejected"] == rejected
     assert manifests[0] == manifests[1] == manifests[2]
+
+
+def test_shuffle_keeps_the_pieces_of_a_split_document_together(tmp_path, tok):
+    """Shuffling moves whole documents: a long document's pieces (only the last ends in 0)
+    stay together and in order, so no piece runs into an unrelated document."""
+    texts = [f"word{i} " * (500 if i % 3 == 0 else 30) for i in range(20)]
+    src = write_jsonl(tmp_path / "long.jsonl", texts)
+    kw = dict(val_fraction=0.0, max_doc_tokens=100)
+    plain = build(cfg(tmp_path / "plain", [src], **kw))
+    m = build(cfg(tmp_path / "shuf", [src], shuffle=True, seed=1, **kw))
+    assert verify(tmp_path / "shuf") == []
+    pieces = megatron_docs(tmp_path / "shuf", m, "long", "train")
+    assert pieces != megatron_docs(tmp_path / "plain", plain, "long", "train")
+    whole: list[list[int]] = [[]]
+    for piece in pieces:
+        whole[-1] += piece
+        if piece[-1] == 0:
+            whole.append([])
+    assert whole.pop() == []
+    assert sorted(whole) == sorted([*tok.encode(t), 0] for t in texts)
+    assert m["sources"][0]["documents_split"] == 7
