@@ -39,7 +39,14 @@ from omegaconf import DictConfig, OmegaConf
 from data_prep import encode, usable_cpus
 from data_prep.manifest import MANIFEST, empty_source, make_manifest, write_json_atomic
 from data_prep.progress import Progress
-from data_prep.shards import STATE_DIR, GroupWriter, load_group_states, save_group_state
+from data_prep.shards import (
+    STATE_DIR,
+    GroupWriter,
+    load_group_states,
+    save_group_state,
+    shard_files,
+    shard_names,
+)
 from data_prep.sources import (
     TOO_LONG,
     BadInputError,
@@ -75,7 +82,7 @@ class BuildConfig:
     batch_bytes / batch_records: size of a unit of work sent to a worker.
     in_flight_per_worker: batches queued per worker (bounds memory).
     strict: a bad record is an error naming file and line instead of a counted reject.
-    overwrite: delete a previous build in output_dir instead of resuming it.
+    overwrite: delete a previous build in output_dir (its files only) instead of resuming it.
     shard_index / num_shards: build only part shard_index of num_shards (clusters).
     tokenizer_backend: auto | cpp | python.
     progress: show progress (a bar on a terminal, a line a minute in a log file).
@@ -300,13 +307,45 @@ def _fingerprint(cfg: BuildConfig, specs: list[SourceSpec], tokenizer: dict) -> 
     }
 
 
+def _recorded_shard_names(out: Path) -> list[str]:
+    """The shard names of the build recorded in out (.state/build.json, manifest.json)."""
+    names = []
+    for path in (out / STATE_DIR / "build.json", out / MANIFEST):
+        if path.is_file():
+            info = json.loads(path.read_text(encoding="utf-8"))
+            settings = info.get("build", info)  # a manifest keeps them under "build"
+            sources = [s["name"] for s in info.get("sources", [])]
+            index, n = settings.get("shard_index", 0), settings.get("num_shards", 1)
+            names += shard_names(sources, index, n)
+    return names
+
+
+def _remove_build(out: Path) -> None:
+    """Delete the build that out holds (overwrite=true), and nothing else of the folder.
+
+    Only what a build writes goes: its shards and their temporaries, manifest.json and
+    .state/. A folder holding files but no build is refused rather than emptied.
+    """
+    state, manifest = out / STATE_DIR, out / MANIFEST
+    if not state.exists() and not manifest.exists():
+        others = sorted(p.name for p in out.iterdir() if p.name != ".hydra")  # Hydra's logs
+        if others:
+            raise BuildError(
+                f"overwrite=true: {out} holds no build to replace but other files "
+                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                "use an empty or new output_dir"
+            )
+        return
+    for p in shard_files(out, _recorded_shard_names(out)):
+        p.unlink()
+    manifest.unlink(missing_ok=True)
+    shutil.rmtree(state, ignore_errors=True)
+
+
 def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> None:
     state = out / STATE_DIR
     if overwrite and out.exists():
-        for p in out.iterdir():
-            if p.suffix in (".bin", ".idx", ".tmp", ".order") or p.name == MANIFEST:
-                p.unlink()
-        shutil.rmtree(state, ignore_errors=True)
+        _remove_build(out)
     out.mkdir(parents=True, exist_ok=True)
     state.mkdir(exist_ok=True)
     fp_path = state / "build.json"
@@ -319,8 +358,11 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> None:
             )
     else:
         write_json_atomic(fp_path, fingerprint)
-    for p in out.glob("*.tmp"):
-        p.unlink()  # leftovers of a killed run; their groups are rebuilt
+    names = [s["name"] for s in fingerprint["sources"]]
+    index, n = fingerprint["shard_index"], fingerprint["num_shards"]
+    for p in shard_files(out, shard_names(names, index, n)):
+        if p.name.endswith((".tmp", ".order")):
+            p.unlink()  # leftovers of a killed run; their groups are rebuilt
 
 
 def _make_pool(workers: int, tok: WorldTokenizer) -> Any:
@@ -368,7 +410,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     sources: list[dict] = []
     try:
         for index, (spec, files, fmt) in enumerate(plans):
-            name = spec.name if cfg.num_shards == 1 else f"{spec.name}_p{cfg.shard_index:04d}"
+            (name,) = shard_names([spec.name], cfg.shard_index, cfg.num_shards)
             packer = _Packer(cfg, out, spec, name)
             if not packer.done:
                 _run_source(cfg, index, spec, files, fmt, packer, pool, workers, part)

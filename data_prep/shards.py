@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,25 @@ SPLITS = ("train", "val")
 def shard_prefix(name: str, split: str, group: int) -> str:
     """The file prefix of a shard, relative to the output folder."""
     return f"{name}_{split}_{group:05d}"
+
+
+def shard_names(source_names: list[str], shard_index: int, num_shards: int) -> list[str]:
+    """The names of a build's shards: its sources', with the part number in a cluster build."""
+    if num_shards == 1:
+        return list(source_names)
+    return [f"{name}_p{shard_index:04d}" for name in source_names]
+
+
+def shard_files(out_dir: Path, names: list[str]) -> list[Path]:
+    """The shard files of sources `names` in out_dir, finished or temporary (a killed run's).
+
+    What a build writes besides manifest.json and .state/, so all it may ever delete.
+    """
+    if not names or not out_dir.is_dir():
+        return []
+    alternatives = "|".join(re.escape(name) for name in names)
+    pattern = re.compile(rf"({alternatives})_(train|val)_\d{{5,}}\.(bin|idx)(\.tmp(\.order)?)?")
+    return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name))
 
 
 class GroupWriter:

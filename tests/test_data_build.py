@@ -528,3 +528,27 @@ def test_shuffle_keeps_the_pieces_of_a_split_document_together(tmp_path, tok):
     assert whole.pop() == []
     assert sorted(whole) == sorted([*tok.encode(t), 0] for t in texts)
     assert m["sources"][0]["documents_split"] == 7
+
+
+def test_a_build_deletes_only_what_a_build_writes(tmp_path):
+    """Other files in output_dir survive a rerun and overwrite=true (a killed run's shard
+    temporaries do not), and overwrite=true on a folder holding no build is refused."""
+    src = write_jsonl(tmp_path / "a.jsonl", docs(10))
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"my_model.bin": b"weights", "my_model.idx": b"index", "notes.tmp": b"draft"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(BuildError, match="holds no build to replace but other files"):
+        build(cfg(out, [src], overwrite=True))
+    assert not (out / ".state").exists()
+    build(cfg(out, [src]))
+    (out / "a_train_00003.bin.tmp").write_bytes(b"left by a killed run")
+    build(cfg(out, [src]))
+    assert not (out / "a_train_00003.bin.tmp").exists()
+    (out / "a_val_00009.idx").write_bytes(b"a shard of the old build, not in the manifest")
+    m = build(cfg(out, [src], seed=5, overwrite=True))
+    assert not (out / "a_val_00009.idx").exists()
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    built = {p.name for p in out.iterdir()} - set(mine) - {"manifest.json", ".state"}
+    assert built == {f"{s['prefix']}{ext}" for s in m["shards"] for ext in (".bin", ".idx")}
