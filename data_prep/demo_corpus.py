@@ -47,6 +47,13 @@ def _docstrings(source: str) -> str:
     return "\n\n".join(dict.fromkeys(d for d in docs if d))
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Write a file unless it already holds these bytes: an unchanged input keeps its
+    modification time, so a rerun resumes the build (which checks its inputs' times)."""
+    if not path.is_file() or path.read_bytes() != data:
+        path.write_bytes(data)
+
+
 def write_demo_corpus(out_dir: str | Path) -> list[Path]:
     """Write the demo corpus under out_dir and return the files written."""
     import zstandard
@@ -71,16 +78,16 @@ def write_demo_corpus(out_dir: str | Path) -> list[Path]:
             break
     code_path = out / "stdlib_code.jsonl.zst"
     data = ("\n".join(code_lines) + "\n").encode("utf-8")
-    code_path.write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    _write(code_path, zstandard.ZstdCompressor(level=3).compress(data))
     doc_path = out / "stdlib_docs.jsonl"
-    doc_path.write_text("\n".join(doc_lines) + "\n", encoding="utf-8")
+    _write(doc_path, ("\n".join(doc_lines) + "\n").encode("utf-8"))
     written = [code_path, doc_path]
     texts = cjk_texts()
     if not texts:
         log.warning("no test/cjkencodings in %s: the demo corpus has no CJK text", stdlib_dir())
     for src in texts:
         dst = out / "cjk" / f"{src.stem}.txt"
-        dst.write_bytes(src.read_bytes())
+        _write(dst, src.read_bytes())
         written.append(dst)
     return written
 

@@ -389,9 +389,33 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     build(cfg(tmp_path / "out", [src]))
     again = build(cfg(tmp_path / "out", [src]))  # same settings: resumes, nothing to do
     assert again["total_documents"] == 10
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(BuildError, match=r"other settings or inputs \(seed was 0, now 5\)"):
         build(cfg(tmp_path / "out", [src], seed=5))
+    with pytest.raises(BuildError, match="source a: text_field was 'text', now 'body'"):
+        build(cfg(tmp_path / "out", [src], text_field="body"))
     assert build(cfg(tmp_path / "out", [src], seed=5, overwrite=True))["total_documents"] == 10
+
+
+def test_resume_refuses_a_changed_input(tmp_path):
+    """An input that changed since the killed run (its size or modification time) would mix
+    old and new content: the rerun names it instead of resuming."""
+    src = write_jsonl(tmp_path / "a.jsonl", docs(40))
+    other = write_jsonl(tmp_path / "b.jsonl", docs(5))
+    out = tmp_path / "out"
+    build(cfg(out, [src, other], shard_size_tokens=200))
+    (out / "manifest.json").unlink()  # as if killed
+    for p in sorted((out / ".state").glob("a_*.json"))[2:]:
+        p.unlink()
+    stat = src.stat()
+    write_jsonl(src, docs(40, seed=1))
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(BuildError, match=f"input {src} changed since"):
+        build(cfg(out, [src, other], shard_size_tokens=200))
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(BuildError, match=f"input {src} changed since.*overwrite=true"):
+        build(cfg(out, [src, other], shard_size_tokens=200))
+    m = build(cfg(out, [src, other], shard_size_tokens=200, overwrite=True))
+    assert m == build(cfg(tmp_path / "fresh", [src, other], shard_size_tokens=200))
 
 
 def test_configs_compose():
