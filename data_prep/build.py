@@ -339,7 +339,7 @@ def fingerprint_difference(old: dict, new: dict) -> str:
     for f in new.get("files", []):
         before = old_files.get(f["path"])
         if before is not None and before != f:
-            return f"input {f['path']} changed since (its size or modification time)"
+            return f"input {f['path']} changed since: its size or modification time differs"
     for key in sorted(set(old) | set(new)):
         was, now = old.get(key), new.get(key)
         if was == now:

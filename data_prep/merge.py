@@ -4,22 +4,36 @@ A large corpus is built as n independent jobs (`shard_index=i num_shards=n`), ea
 own folder with its own manifest.json. Merging lists every part's shards in DIR/manifest.json
 with prefixes relative to DIR, and sums the per-source counters; shards are never copied or
 concatenated. Parts default to the sub-folders of DIR that hold a manifest. The parts must have
-the same tokenizer and settings, and together be parts 0..n-1 of the same n.
+the same tokenizer, inputs and settings (their .state/build.json differ in shard_index only),
+and together be parts 0..n-1 of the same n.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from data_prep.build import fingerprint_difference
 from data_prep.manifest import MANIFEST, make_manifest, read_manifest, write_json_atomic
+from data_prep.shards import STATE_DIR
 
 
 class MergeError(ValueError):
     """Parts that do not belong together."""
+
+
+def _fingerprint(part: Path) -> dict[str, Any]:
+    """What decided a part's bytes (tokenizer, inputs, settings) but its shard_index."""
+    path = part / STATE_DIR / "build.json"
+    if not path.is_file():
+        raise MergeError(f"{part}: no {STATE_DIR}/build.json, so its inputs cannot be checked")
+    fingerprint = json.loads(path.read_text(encoding="utf-8"))
+    fingerprint.pop("shard_index", None)
+    return fingerprint
 
 
 def merge(out_dir: str | os.PathLike, parts: list[str | os.PathLike] | None = None) -> dict:
@@ -32,12 +46,14 @@ def merge(out_dir: str | os.PathLike, parts: list[str | os.PathLike] | None = No
     manifests = [(Path(p), read_manifest(p)) for p in parts]
     first = manifests[0][1]
     common = {k: v for k, v in first["build"].items() if k != "shard_index"}
+    first_fingerprint = _fingerprint(manifests[0][0])
     indices = []
     for path, m in manifests:
-        if m["tokenizer"] != first["tokenizer"]:
-            raise MergeError(f"{path}: built with another tokenizer than {manifests[0][0]}")
-        if {k: v for k, v in m["build"].items() if k != "shard_index"} != common:
-            raise MergeError(f"{path}: built with other settings than {manifests[0][0]}")
+        difference = fingerprint_difference(first_fingerprint, _fingerprint(path))
+        if difference:
+            raise MergeError(
+                f"{path}: built with other inputs or settings than {manifests[0][0]} ({difference})"
+            )
         indices.append(m["build"].get("shard_index", 0))
     n = common.get("num_shards", 1)
     if sorted(indices) != list(range(n)):

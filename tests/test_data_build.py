@@ -576,3 +576,27 @@ def test_a_build_deletes_only_what_a_build_writes(tmp_path):
     assert {name: (out / name).read_bytes() for name in mine} == mine
     built = {p.name for p in out.iterdir()} - set(mine) - {"manifest.json", ".state"}
     assert built == {f"{s['prefix']}{ext}" for s in m["shards"] for ext in (".bin", ".idx")}
+
+
+def test_merge_refuses_parts_of_other_inputs(tmp_path):
+    """Parts built from other inputs (or from an input that changed between them) do not
+    belong together, though their manifests' settings agree: merge names what differs."""
+    a = [write_jsonl(tmp_path / f"a{i}.jsonl", docs(10, i)) for i in range(2)]
+    b = write_jsonl(tmp_path / "b.jsonl", docs(10, 5))
+
+    def part(i: int, pattern: str) -> None:
+        corpus = {"sources": [{"name": "web", "paths": [str(tmp_path / pattern)]}]}
+        out = tmp_path / "parts" / f"part_{i}"
+        build(cfg(out, [], corpus=corpus, shard_index=i, num_shards=2, overwrite=True))
+
+    part(0, "a*.jsonl")
+    part(1, "b.jsonl")
+    with pytest.raises(MergeError, match=r"part_1: built with other .*inputs added: .*b.jsonl"):
+        merge(tmp_path / "parts")
+    write_jsonl(a[1], docs(12, 1))  # changed after part 0 was built
+    part(1, "a*.jsonl")
+    with pytest.raises(MergeError, match=f"input {a[1]} changed since"):
+        merge(tmp_path / "parts")
+    part(0, "a*.jsonl")
+    assert merge(tmp_path / "parts")["sources"][0]["documents_in"] == 22
+    assert verify(tmp_path / "parts") == [] and b.exists()
