@@ -24,8 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import sys
+import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +37,7 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from data_prep import encode, usable_cpus
 from data_prep.manifest import MANIFEST, empty_source, make_manifest, write_json_atomic
@@ -48,6 +51,7 @@ from data_prep.shards import (
     shard_names,
 )
 from data_prep.sources import (
+    FORMATS,
     TOO_LONG,
     BadInputError,
     Batch,
@@ -133,7 +137,12 @@ def source_specs(cfg: BuildConfig) -> list[SourceSpec]:
                 f"a source takes {known}"
             )
         entry["paths"] = list(entry.get("paths") or [])
-        specs.append(SourceSpec(**entry))
+        spec = SourceSpec(**entry)
+        if spec.format not in FORMATS:
+            raise BuildError(
+                f"corpus source {i} ({spec.name}): format {spec.format!r} is none of {FORMATS}"
+            )
+        specs.append(spec)
     for path in cfg.inputs:
         name = source_name(str(path))
         taken = {s.name for s in specs}
@@ -161,6 +170,14 @@ def check_config(cfg: BuildConfig) -> None:
         raise BuildError("shard_size_tokens and max_doc_tokens must be positive")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise BuildError("val_fraction must be in [0, 1)")
+    if cfg.batch_records < 1 or cfg.batch_bytes < 1 or cfg.in_flight_per_worker < 1:
+        raise BuildError("batch_records, batch_bytes and in_flight_per_worker must be positive")
+    if cfg.tokenizer_backend not in ("auto", "cpp", "python"):
+        raise BuildError(
+            f"tokenizer_backend must be auto, cpp or python, not {cfg.tokenizer_backend!r}"
+        )
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise BuildError(f"output_dir={cfg.output_dir} is a file, not a folder")
 
 
 def _ordered_results(
@@ -402,7 +419,10 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> None:
     state = out / STATE_DIR
     if overwrite and out.exists():
         _remove_build(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"output_dir={out} cannot be created: {exc.strerror}") from exc
     state.mkdir(exist_ok=True)
     fp_path = state / "build.json"
     if fp_path.is_file():
@@ -559,8 +579,33 @@ def _summary(manifest: dict) -> None:
 def config_from_hydra(cfg: DictConfig) -> BuildConfig:
     """Check the composed config against BuildConfig (a typo'd key fails here, clearly)."""
     schema = OmegaConf.structured(BuildConfig)
-    merged = OmegaConf.merge(schema, cfg)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+    except ConfigKeyError as exc:
+        raise BuildError(f"{exc.full_key}: no such setting (--help lists them)") from exc
+    except ValidationError as exc:
+        raise BuildError(f"{exc.full_key}: {exc.msg.splitlines()[0]}") from exc
     return BuildConfig(**OmegaConf.to_container(merged, resolve=True))  # type: ignore[arg-type]
+
+
+def hydra_run_dir(output_dir: str) -> str:
+    """Where Hydra keeps the build's log (hydra.run.dir): output_dir/.hydra.
+
+    Hydra creates that folder before the build starts, so where output_dir is missing or
+    cannot be a folder this gives one in the temporary folder instead, and the build reports
+    the problem in one line rather than Hydra with a traceback.
+    """
+    if output_dir not in ("", "???"):
+        run_dir = Path(output_dir) / ".hydra"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return str(run_dir)
+        except OSError:
+            pass
+    return str(Path(tempfile.gettempdir()) / f"data_prep-{os.getuid()}")
+
+
+OmegaConf.register_new_resolver("data_prep_run_dir", hydra_run_dir, replace=True)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="data_prep", version_base=None)

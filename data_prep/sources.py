@@ -40,7 +40,8 @@ TOO_LONG = "too_long"
 
 
 class BadInputError(ValueError):
-    """A record that cannot be used, raised instead of counted when strict=true."""
+    """An input that cannot be used: a record under strict=true (else it is counted), or a
+    source that cannot be read as given (unknown format, a missing column)."""
 
 
 @dataclass
@@ -107,7 +108,10 @@ def detect_format(path: str) -> str:
     if p.is_dir():
         if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
             return "hf_disk"
-        raise ValueError(f"{path}: a folder must be a datasets save_to_disk folder")
+        raise BadInputError(
+            f"{path}: a folder input must be a datasets save_to_disk folder "
+            f"(for the files in it, give a glob such as {path}/*.jsonl)"
+        )
     name = p.name.lower()
     if name.endswith((".jsonl", ".jsonl.zst", ".jsonl.gz", ".json.zst", ".json.gz", ".ndjson")):
         return "jsonl"
@@ -115,7 +119,10 @@ def detect_format(path: str) -> str:
         return "parquet"
     if name.endswith((".txt", ".md")):
         return "text"
-    raise ValueError(f"{path}: unknown input format (name the format in the source config)")
+    raise BadInputError(
+        f"{path}: unknown input format (known: .jsonl, .jsonl.zst, .jsonl.gz, .parquet, .txt, "
+        ".md; a corpus source can name its format)"
+    )
 
 
 def expand_paths(spec: SourceSpec) -> list[str]:
@@ -136,14 +143,12 @@ def expand_paths(spec: SourceSpec) -> list[str]:
 def source_format(spec: SourceSpec, files: list[str]) -> str:
     """The one format of a source (all its files must agree)."""
     if spec.format != "auto":
-        if spec.format not in FORMATS:
-            raise ValueError(f"source {spec.name}: format must be one of {FORMATS}")
         return spec.format
     if spec.hf_name:
         return "hf_hub"
     formats = {detect_format(f) for f in files}
     if len(formats) != 1:
-        raise ValueError(f"source {spec.name}: inputs of several formats {sorted(formats)}")
+        raise BadInputError(f"source {spec.name}: inputs of several formats {sorted(formats)}")
     return formats.pop()
 
 
@@ -266,7 +271,7 @@ def iter_batches(
         elif fmt == "hf_disk":
             yield from _hf_disk_batches(index, spec, path, file_no, skip, batch_records, part)
         else:
-            raise ValueError(f"source {spec.name}: unsupported format {fmt}")
+            raise BadInputError(f"source {spec.name}: unsupported format {fmt}")
 
 
 def _value_batches(
@@ -327,7 +332,7 @@ def _hf_disk_batches(
     if part[1] > 1:
         ds = ds.shard(num_shards=part[1], index=part[0], contiguous=True)
     if spec.text_field not in ds.column_names:
-        raise ValueError(f"source {spec.name}: {path} has no column {spec.text_field!r}")
+        raise BadInputError(f"source {spec.name}: {path} has no column {spec.text_field!r}")
     for k in range(skip, len(ds), batch_records):
         values = ds[k : k + batch_records][spec.text_field]
         yield from _value_batches(index, path, file_no, k, values, batch_records)

@@ -600,3 +600,52 @@ def test_merge_refuses_parts_of_other_inputs(tmp_path):
     part(0, "a*.jsonl")
     assert merge(tmp_path / "parts")["sources"][0]["documents_in"] == 22
     assert verify(tmp_path / "parts") == [] and b.exists()
+
+
+def test_input_mistakes_are_one_clear_error(tmp_path):
+    """Inputs that cannot be read as given, and impossible settings, name what is wrong in an
+    error the command line turns into one line and exit status 2 (no traceback)."""
+    import datasets
+
+    good = write_jsonl(tmp_path / "good.jsonl", docs(3))
+    (tmp_path / "table.csv").write_text("text\nhello\n", encoding="utf-8")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", docs(2))
+    (mixed / "b.txt").write_text("text", encoding="utf-8")
+    datasets.Dataset.from_dict({"text": docs(3)}).save_to_disk(str(tmp_path / "hfdisk"))
+    cases = [
+        ([tmp_path / "table.csv"], {}, "table.csv: unknown input format"),
+        ([mixed / "*"], {}, r"inputs of several formats \['jsonl', 'text'\]"),
+        ([mixed], {}, "mixed: a folder input must be a datasets save_to_disk folder"),
+        ([tmp_path / "hfdisk"], {"text_field": "nope"}, "has no column 'nope'"),
+        ([good], {"tokenizer_backend": "rust"}, "tokenizer_backend must be auto, cpp or python"),
+        ([good], {"batch_records": 0}, "batch_records, batch_bytes and in_flight_per_worker"),
+        (
+            [],
+            {"corpus": {"sources": [{"name": "a", "paths": [str(good)], "format": "jsnol"}]}},
+            r"corpus source 0 \(a\): format 'jsnol' is none of",
+        ),
+    ]
+    for inputs, kw, message in cases:
+        with pytest.raises((BuildError, BadInputError), match=message):
+            build(cfg(tmp_path / "out", inputs, **kw))
+
+
+def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
+    """What fails before the build starts (Hydra's run folder lives in output_dir, settings
+    are checked against BuildConfig) is one line too, not a traceback."""
+    good = write_jsonl(tmp_path / "good.jsonl", docs(3))
+    (tmp_path / "a_file").write_text("not a folder", encoding="utf-8")
+    cases = [
+        ([], "output_dir=DIR is required"),
+        ([f"output_dir={tmp_path / 'a_file'}"], "a_file is a file, not a folder"),
+        ([f"output_dir={tmp_path / 'a_file' / 'out'}"], "a_file/out cannot be created"),
+        ([f"output_dir={tmp_path / 'out'}", "+val_fracton=0.1"], "val_fracton: no such setting"),
+    ]
+    for args, message in cases:
+        cmd = [sys.executable, "-m", "data_prep.build", f"inputs=[{good}]", *args]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        output = (done.stdout + done.stderr).strip()
+        assert done.returncode == 2 and "Traceback" not in output, output
+        assert message in output.splitlines()[-1], output
