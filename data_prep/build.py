@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -121,6 +122,8 @@ class BuildError(RuntimeError):
 # Keys of a corpus source that only document it (conf/corpus/world_v2.yaml); any other key
 # that SourceSpec lacks is a typo and an error.
 DOC_KEYS = frozenset({"domain", "note"})
+# A source name starts its shard files' names: no folders, nothing hidden.
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def source_specs(cfg: BuildConfig) -> list[SourceSpec]:
@@ -136,11 +139,23 @@ def source_specs(cfg: BuildConfig) -> list[SourceSpec]:
                 f"corpus source {i} ({entry.get('name')}): unknown keys {unknown}; "
                 f"a source takes {known}"
             )
-        entry["paths"] = list(entry.get("paths") or [])
+        name = entry.get("name")
+        if not isinstance(name, str) or not SOURCE_NAME.fullmatch(name):
+            raise BuildError(
+                f"corpus source {i}: name {name!r} must be letters, digits, '.', '_' and '-' "
+                "(it starts the names of its shard files)"
+            )
+        paths = entry.get("paths") or []
+        entry["paths"] = [paths] if isinstance(paths, str) else list(paths)
         spec = SourceSpec(**entry)
         if spec.format not in FORMATS:
             raise BuildError(
                 f"corpus source {i} ({spec.name}): format {spec.format!r} is none of {FORMATS}"
+            )
+        if spec.val_fraction is not None and not 0.0 <= spec.val_fraction < 1.0:
+            raise BuildError(
+                f"corpus source {i} ({spec.name}): val_fraction must be in [0, 1), "
+                f"not {spec.val_fraction}"
             )
         specs.append(spec)
     for path in cfg.inputs:
@@ -169,7 +184,9 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.shard_size_tokens < 1 or cfg.max_doc_tokens < 1:
         raise BuildError("shard_size_tokens and max_doc_tokens must be positive")
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise BuildError("val_fraction must be in [0, 1)")
+        raise BuildError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise BuildError(f"workers must be positive (or null: one per core), not {cfg.workers}")
     if cfg.batch_records < 1 or cfg.batch_bytes < 1 or cfg.in_flight_per_worker < 1:
         raise BuildError("batch_records, batch_bytes and in_flight_per_worker must be positive")
     if cfg.tokenizer_backend not in ("auto", "cpp", "python"):
@@ -478,7 +495,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     fingerprint = _fingerprint(cfg, specs, tok_info, inputs)
     _prepare_output(out, fingerprint, cfg.overwrite)
 
-    workers = cfg.workers or usable_cpus()
+    workers = usable_cpus() if cfg.workers is None else cfg.workers
     encode.set_tokenizer(tok)
     pool = _make_pool(workers, tok) if workers > 1 else None
     part = (cfg.shard_index, cfg.num_shards)

@@ -649,3 +649,29 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
         output = (done.stdout + done.stderr).strip()
         assert done.returncode == 2 and "Traceback" not in output, output
         assert message in output.splitlines()[-1], output
+
+
+@pytest.mark.parametrize(
+    "source,kw,message",
+    [
+        ({"val_fraction": 1.5}, {}, r"source 0 \(a\): val_fraction must be in \[0, 1\), not 1.5"),
+        ({"val_fraction": -0.5}, {}, r"val_fraction must be in \[0, 1\), not -0.5"),
+        ({"name": "web/sub"}, {}, "source 0: name 'web/sub' must be letters, digits"),
+        ({"name": ".hidden"}, {}, "source 0: name '.hidden' must be"),
+        ({}, {"workers": 0}, "workers must be positive"),
+        ({}, {"workers": -2}, "workers must be positive"),
+        ({}, {"batch_bytes": -1}, "batch_bytes"),
+    ],
+)
+def test_impossible_values_are_refused(tmp_path, source, kw, message):
+    good = write_jsonl(tmp_path / "good.jsonl", docs(3))
+    corpus = {"sources": [{"name": "a", "paths": str(good), **source}]}
+    with pytest.raises(BuildError, match=message):
+        build(cfg(tmp_path / "out", [], corpus=corpus, **kw))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_source_may_give_one_path_as_a_string(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", docs(3))
+    corpus = {"sources": [{"name": "a", "paths": str(good), "val_fraction": 0.0}]}
+    assert build(cfg(tmp_path / "out", [], corpus=corpus))["total_documents"] == 3
