@@ -203,9 +203,10 @@ class _Truncated(Exception):
 
 def _lines(path: str, chunk_size: int) -> Iterator[bytes]:
     """The lines of a (possibly compressed) file, without their newline."""
-    if path.endswith(".zst"):
+    name = path.lower()  # as detect_format: A.JSONL.GZ is compressed too
+    if name.endswith(".zst"):
         chunks = _chunks_zstd(path, chunk_size)
-    elif path.endswith(".gz"):
+    elif name.endswith(".gz"):
         chunks = _chunks_gzip(path, chunk_size)
     else:
         chunks = _chunks_plain(path, chunk_size)

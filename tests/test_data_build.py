@@ -675,3 +675,16 @@ def test_a_corpus_source_may_give_one_path_as_a_string(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", docs(3))
     corpus = {"sources": [{"name": "a", "paths": str(good), "val_fraction": 0.0}]}
     assert build(cfg(tmp_path / "out", [], corpus=corpus))["total_documents"] == 3
+
+
+def test_upper_case_extensions_are_decompressed(tmp_path, tok):
+    texts = docs(5)
+    inputs = []
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        inputs.append(write_jsonl(tmp_path / name, texts).rename(tmp_path / name.upper()))
+    m = build(cfg(tmp_path / "out", inputs, val_fraction=0.0))
+    for source in m["sources"]:
+        assert source["documents_written"] == 5 and source["rejected"] == {}, source
+    assert megatron_docs(tmp_path / "out", m, "A.JSONL.GZ", "train") == [
+        [*tok.encode(t), 0] for t in texts
+    ]
