@@ -77,6 +77,7 @@ class BuildConfig:
     inputs: quick form, files or globs, one source per entry named after the file.
     corpus: the selected conf/corpus/*.yaml (a `sources:` list of SourceSpec fields).
     text_field: field holding the text, for quick-form inputs.
+    seed: seeds the shuffle (the validation split is chosen by a hash, not by the seed).
     val_fraction: share of each source's documents held out as validation (by hash).
     shard_size_tokens: a shard group is closed once it holds this many tokens.
     max_doc_tokens: longer documents are split or rejected (`long_docs`), never truncated.
@@ -526,7 +527,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
 
 
 def _check_written(manifest: dict, num_shards: int) -> None:
-    """A build that wrote no document at all is an error (wrong text_key, wrong format...),
+    """A build that wrote no document at all is an error (wrong text_field, wrong format...),
     not an empty data folder that training refuses later; a source that wrote none is
     named. One part of a cluster build may be empty, so parts are not checked."""
     if num_shards > 1:
@@ -534,7 +535,7 @@ def _check_written(manifest: dict, num_shards: int) -> None:
     empty = [s["name"] for s in manifest["sources"] if s["documents_written"] == 0]
     if empty and len(empty) == len(manifest["sources"]):
         raise BuildError(
-            "no document was written (the counts above say why: check text_key and the "
+            "no document was written (the counts above say why: check text_field and the "
             "input format); no manifest was written"
         )
     if empty:
