@@ -67,12 +67,18 @@ def is_valid(path: Path) -> tuple[bool, str]:
         world = meta.get("world_size", 1)
         if shard_ranks(path) != set(range(world)):
             return False, f"does not hold the ZeRO partitions of all {world} ranks"
+    reason = unopenable(path)
+    return not reason, reason
+
+
+def unopenable(path: Path) -> str:
+    """Why a single-file checkpoint cannot be opened ("" when it can, or is a ZeRO folder)."""
     if path.is_file():
         try:  # mmap reads only the archive's directory: cheap even for large files
             torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as e:
-            return False, f"cannot be opened ({type(e).__name__})"
-    return True, ""
+            return f"cannot be opened ({type(e).__name__})"
+    return ""
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -129,6 +135,34 @@ def _remove(path: Path) -> None:
     shutil.rmtree(universal_path(path), ignore_errors=True)
     single_path(path).unlink(missing_ok=True)
     failed_path(path).unlink(missing_ok=True)
+
+
+def set_aside_after(run_dir: Path, step: int) -> Path:
+    """Move the checkpoints of steps after `step`, and their metrics, out of the way of a run
+    rolled back to `step` (a loss spike: the same run goes on from an earlier checkpoint).
+
+    Left in place they would outrank the new branch's checkpoints: `resume=auto` would pick
+    them and `keep_last` would prune the new ones as the oldest. They go, with the metrics
+    rows after `step`, to run_dir/abandoned/after_step{step}, which is written under a
+    temporary name and renamed last: its existence says the rollback is complete.
+    """
+    dest = run_dir / "abandoned" / f"after_step{step:08d}"
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    folder = run_dir / "checkpoints"
+    for later_step, path in list_checkpoints(folder):
+        if later_step > step:
+            for part in (path, path.with_suffix(".json")):
+                if part.exists():
+                    os.replace(part, tmp / part.name)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        later = [ln for ln in rows if json.loads(ln)["step"] > step]
+        (tmp / "metrics.jsonl").write_text("".join(ln + "\n" for ln in later))
+    os.replace(tmp, dest)
+    return dest
 
 
 class CheckpointSpaceError(RuntimeError):

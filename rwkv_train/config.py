@@ -421,9 +421,6 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
             "trainer.strategy",
             f"{t.strategy!r} with deepspeed.stage={ds.stage}: pick one (deepspeed=none)",
         )
-    resume = str(tc.resume)
-    if resume not in ("auto", "none") and not Path(resume).exists():
-        raise ConfigError("resume", f"no checkpoint at {resume}")
     if init_from is not None and not Path(init_from).is_file():
         raise ConfigError("model.init_from", f"no file at {init_from}")
     if model.ctx_len != d.ctx_len:

@@ -523,8 +523,7 @@ class RWKVLitModule(L.LightningModule):
                 + ", ".join(f"{k}={saved.get(k)}" for k in diff)
                 + " (this config: "
                 + ", ".join(f"{k}={now.get(k)}" for k in diff)
-                + "); set those to resume it, or train another run (another run_dir, or "
-                "resume=none)",
+                + "); set those to resume it, or train another run (another run_dir)",
             )
         self._continue_progress(checkpoint["global_step"], extra)
         saved_groups = extra.get("param_groups")  # absent from checkpoints of older versions

@@ -30,7 +30,10 @@ from rwkv_train.checkpoint import (
     checkpoint_step,
     find_latest,
     is_valid,
+    list_checkpoints,
     resume_form,
+    set_aside_after,
+    unopenable,
 )
 from rwkv_train.config import ConfigError, Plan, TrainConfig, validate
 from rwkv_train.data.loader import TokenDataModule
@@ -143,17 +146,30 @@ def make_strategy(tc: TrainConfig, load_universal: bool = False) -> Strategy | s
 def resume_from(plan: Plan, run_dir: Path) -> Path | None:
     """The checkpoint to continue from, as `resume` asks. A path outside this run's folder
     only starts the run: once the run has saved checkpoints of its own, a requeued job with
-    the same command continues from those, not again from the other run."""
+    the same command continues from those, not again from the other run. A checkpoint of
+    this run rolls it back once: the later checkpoints are set aside (set_aside_after), and
+    the same command run again continues the new branch."""
     resume = str(plan.cfg.resume)
-    if resume == "none":
-        return None
     own = find_latest(run_dir / "checkpoints")
+    if resume == "none":
+        if own is not None:
+            raise ConfigError(
+                "resume",
+                f"resume=none, but {run_dir} holds checkpoints (up to {own.name}) that a new "
+                "run would mix with its own: choose another run_dir (or name), or remove them",
+            )
+        return None
     if resume == "auto":
         return own
     path = Path(resume)
-    if own is not None and not path.resolve().is_relative_to(run_dir.resolve()):
+    inside = path.resolve().is_relative_to(run_dir.resolve())
+    if own is not None and not inside:
         log.info("%s has checkpoints of its own: continuing from them, not %s", run_dir, path)
         return own
+    if inside and path.parent.resolve() == (run_dir / "checkpoints").resolve():
+        return _roll_back(run_dir, path)
+    if not path.exists():
+        raise ConfigError("resume", f"no checkpoint at {path}")
     if (path / "checkpoints").is_dir():  # another run's folder: its newest valid checkpoint
         latest = find_latest(path / "checkpoints")
         if latest is None:
@@ -169,7 +185,37 @@ def resume_from(plan: Plan, run_dir: Path) -> Path | None:
     if not ok and path.with_suffix(".json").exists():
         raise ConfigError("resume", f"{path}: {reason}")
     if not ok:  # e.g. a checkpoint copied without its record: nothing to check it against
+        if reason := unopenable(path):
+            raise ConfigError("resume", f"{path}: {reason}")
         log.warning("%s has no completion record beside it: loading it unchecked", path)
+    return path
+
+
+def _roll_back(run_dir: Path, path: Path) -> Path | None:
+    """resume=<a checkpoint of this run>: from it, with the later checkpoints set aside (by
+    rank 0; the other ranks find the same checkpoint before, or after, it is done)."""
+    try:
+        step = checkpoint_step(path)
+    except ValueError:
+        raise ConfigError("resume", f"{path} is not a checkpoint (stepNNNNNNNN.ckpt)") from None
+    aside = run_dir / "abandoned" / f"after_step{step:08d}"
+    if aside.is_dir():  # rolled back before: a requeue of the same command goes on
+        own = find_latest(run_dir / "checkpoints")
+        log.info("%s was rolled back to step %d before: continuing from %s", run_dir, step, own)
+        return own
+    if not path.exists():
+        raise ConfigError("resume", f"no checkpoint at {path}")
+    ok, reason = is_valid(path)
+    if not ok:
+        raise ConfigError("resume", f"{path}: {reason}")
+    later = [s for s, _ in list_checkpoints(run_dir / "checkpoints") if s > step]
+    if rank_zero_only.rank == 0:
+        set_aside_after(run_dir, step)
+        log.warning(
+            "rolling %s back to step %d: checkpoints %s and the metrics after step %d moved "
+            "to %s (delete that folder to roll back to step %d again)",
+            run_dir, step, later or "(none)", step, aside, step,
+        )  # fmt: skip
     return path
 
 

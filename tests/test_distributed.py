@@ -490,3 +490,21 @@ def test_a_full_disk_on_one_rank_stops_both_before_the_save(
     assert "no room for the checkpoint of step 2" in out and "free on rank 1" in out, out[-3000:]
     assert "on another rank's disk" in out, out[-3000:]
     assert list((run_dir / "checkpoints").iterdir()) == []
+
+
+def test_debug_runs_start_afresh_in_one_folder_per_run(
+    zero_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """debug=fast: a folder named by the time, the same for the rank Lightning starts later
+    (it is handed hydra.run.dir); a second run gets a new folder instead of resuming."""
+    cmd = command(zero_runs["data"], tmp_path / "unused", "debug=fast", "deepspeed=zero2")
+    cmd = [c for c in cmd if not c.startswith("run_dir=")]
+    for _ in range(2):
+        launch(cmd, tmp_path)
+        time.sleep(1.1)  # the folders are named to the second
+    runs = sorted((tmp_path / "runs" / "debug" / "fast" / "finch_debug").iterdir())
+    assert len(runs) == 2, runs
+    for run_dir in runs:
+        assert [s for s, _ in history(run_dir)] == [1, 2, 3, 4, 5]
+        assert find_latest(run_dir / "checkpoints") is not None
+    assert not (tmp_path / "unused").exists()

@@ -23,7 +23,12 @@ from train_utils import (
 
 from rwkv_train import lit_module
 from rwkv_train.bptt import segmented_loss
-from rwkv_train.checkpoint import CheckpointSpaceError, find_latest, list_checkpoints
+from rwkv_train.checkpoint import (
+    CheckpointSpaceError,
+    find_latest,
+    is_valid,
+    list_checkpoints,
+)
 from rwkv_train.config import ConfigError, OptimConfig, validate
 from rwkv_train.data import ChunkDataset, TokenStream, load_manifest
 from rwkv_train.data.loader import val_sources
@@ -144,7 +149,7 @@ def test_resume_refuses_other_optimizer_groups_or_model(data: Path, tmp_path: Pa
     assert str(other_model.value) == (
         "model: the checkpoint resumed was trained with head_size=64, n_layer=2 (this config: "
         "head_size=32, n_layer=3); set those to resume it, or train another run (another "
-        "run_dir, or resume=none)"
+        "run_dir)"
     )
     module = run(data, rd, "trainer.max_steps=4", "optim.betas=[0.9,0.95]")  # same groups
     assert {tuple(g["betas"]) for g in module._optimizer.param_groups} == {(0.9, 0.95)}
@@ -282,6 +287,46 @@ def test_checkpoints_keep_last_and_resume_auto(
     )
 
 
+def test_roll_back_to_an_earlier_checkpoint_of_the_run(data: Path, tmp_path: Path) -> None:
+    """resume=<a checkpoint of this run>: the later checkpoints and metrics are set aside (not
+    pruned, nor preferred to the new branch's), the new branch repeats the old one's losses,
+    and the same command run again (a requeue) continues the new branch."""
+    rd = tmp_path / "run"
+    ckpts = rd / "checkpoints"
+    fixed = "optim.decay_tokens=400"  # the LR schedule does not depend on max_steps
+    run(
+        data,
+        rd,
+        "trainer.max_steps=12",
+        fixed,
+        "checkpoint.every_n_steps=3",
+        "checkpoint.keep_last=3",
+    )
+    old_losses = losses(rd)
+    assert [s for s, _ in list_checkpoints(ckpts)] == [6, 9, 12]
+    with pytest.raises(ConfigError, match=r"resume=none, but .* step00000012\.ckpt"):
+        run(data, rd, "resume=none")
+    again = (
+        fixed,
+        "checkpoint.every_n_steps=1",
+        "checkpoint.keep_last=1",
+        f"resume={ckpts}/step00000006.ckpt",
+    )
+    run(data, rd, "trainer.max_steps=8", *again)
+    aside = rd / "abandoned" / "after_step00000006"
+    assert [s for s, _ in list_checkpoints(aside)] == [9, 12]
+    assert all(is_valid(p)[0] for _, p in list_checkpoints(aside))
+    assert [r["step"] for r in read_metrics(aside / "metrics.jsonl") if "train/loss" in r] == list(
+        range(7, 13)
+    )
+    assert [s for s, _ in list_checkpoints(ckpts)] == [8]
+    assert losses(rd) == old_losses[:8]  # an exact resume from step 6
+    run(data, rd, "trainer.max_steps=10", *again)  # the same command again, for longer
+    assert [s for s, _ in list_checkpoints(ckpts)] == [10]
+    assert losses(rd) == old_losses[:10]
+    assert [p.name for p in (rd / "abandoned").iterdir()] == ["after_step00000006"]
+
+
 def test_resume_from_another_run_or_a_copied_checkpoint(
     data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -321,6 +366,11 @@ def test_resume_from_another_run_or_a_copied_checkpoint(
         run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={torn}")
     with pytest.raises(ConfigError, match="neither a run folder nor a checkpoint"):
         run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={src / 'config.yaml'}")
+    with pytest.raises(ConfigError, match="resume: no checkpoint at"):
+        run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={tmp_path / 'nowhere'}")
+    copied.write_bytes(torn.read_bytes())  # torn, and without a record to say so
+    with pytest.raises(ConfigError, match=r"resume: .* cannot be opened"):
+        run(data, tmp_path / "c", "trainer.max_steps=5", f"resume={copied}")
 
 
 def test_resume_warns_when_the_data_was_rebuilt_in_place(
