@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -306,6 +307,30 @@ def data_sources(path: Any) -> list[DataEntry]:
     return out
 
 
+def check_machine(plan: Plan) -> None:
+    """The settings this machine cannot run, named before Lightning or the first forward pass
+    fails on them with a traceback. Apart from `validate`, which checks a config for any
+    machine (a GPU recipe validates on a laptop)."""
+    accelerator, backend = plan.cfg.trainer.accelerator, plan.model.wkv_backend
+    cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not cuda:
+        raise ConfigError(
+            "trainer.accelerator", f"{accelerator!r}, but torch sees no CUDA device here"
+        )
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda)
+    if backend == "cuda" and not on_gpu:
+        raise ConfigError(
+            "model.wkv_backend",
+            f"'cuda' runs on a GPU, but this run trains on the CPU (trainer.accelerator="
+            f"{accelerator}): use auto, cpp or torch",
+        )
+    if backend == "cpp" and on_gpu:
+        raise ConfigError(
+            "model.wkv_backend",
+            "'cpp' is the CPU op, but this run trains on a GPU: use auto or cuda",
+        )
+
+
 def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
     """Check a composed config against the schema and the data; fail naming the field.
     `world_size` defaults to trainer.devices x trainer.num_nodes."""
@@ -384,6 +409,16 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:
         raise ConfigError("trainer.max_steps", "must be at least 1")
     if t.segment_len < 0:
         raise ConfigError("trainer.segment_len", "must be 0 (whole samples) or a token count")
+    for name, value, meaning in (
+        ("trainer.val_every_n_steps", t.val_every_n_steps, "0 (once, at the end)"),
+        ("checkpoint.every_n_steps", tc.checkpoint.every_n_steps, "0 (only at the end)"),
+        ("data.val_samples", d.val_samples, "0 (no validation)"),
+        ("data.num_workers", d.num_workers, "0 (load in the training process)"),
+    ):
+        if value < 0:
+            raise ConfigError(name, f"must be {meaning} or a positive count, not {value}")
+    if t.log_every_n_steps < 1:
+        raise ConfigError("trainer.log_every_n_steps", "must be at least 1")
     if o.decay not in ("cosine", "exponential", "linear", "constant"):
         raise ConfigError(
             "optim.decay", f"{o.decay!r} is not cosine, exponential, linear or constant"

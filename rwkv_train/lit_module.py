@@ -204,7 +204,7 @@ class RWKVLitModule(L.LightningModule):
         self.stop_reason: str | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._micro = 0
-        self._loss_sum = 0.0
+        self._loss_sum, self._loss_count = 0.0, 0  # over the micro-batches of this step
         self._grad_norm = float("nan")
         self._throughput = Throughput()
         self._optimizer: torch.optim.Optimizer | None = None
@@ -267,6 +267,7 @@ class RWKVLitModule(L.LightningModule):
             self._on_nonfinite(ce)
             return None
         self._loss_sum = self._loss_sum + ce
+        self._loss_count += 1
         return loss
 
     def _segment_len(self, x: Tensor) -> int:
@@ -323,8 +324,7 @@ class RWKVLitModule(L.LightningModule):
             groups = param_groups(self.net, self.cfg.optim)
             self._schedule_from_config(groups)
             apply_group_settings(self._optimizer, groups, self.lr_schedulers())
-        self._micro = 0
-        self._loss_sum = 0.0
+        self._micro, self._loss_sum, self._loss_count = 0, 0.0, 0
 
     def _schedule_from_config(self, groups: list[dict]) -> None:
         """Make the LR schedule this config's. LambdaLR saves its schedule object's fields and
@@ -351,8 +351,10 @@ class RWKVLitModule(L.LightningModule):
         if self._micro < self.accumulate:
             return
         step = self.trainer.global_step  # already counts the step just taken
-        loss = float(self._loss_sum) / self.accumulate
-        self._micro, self._loss_sum = 0, 0.0
+        # the mean over the micro-batches that counted: NaN for a step that was all skipped
+        n = self._loss_count
+        loss = float(self._loss_sum) / n if n else float("nan")
+        self._micro, self._loss_sum, self._loss_count = 0, 0.0, 0
         world = self.trainer.world_size
         if self._zero_stage() > 0:
             norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()

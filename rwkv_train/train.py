@@ -35,7 +35,7 @@ from rwkv_train.checkpoint import (
     set_aside_after,
     unopenable,
 )
-from rwkv_train.config import ConfigError, Plan, TrainConfig, validate
+from rwkv_train.config import ConfigError, Plan, TrainConfig, check_machine, validate
 from rwkv_train.data.loader import TokenDataModule
 from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
@@ -263,6 +263,7 @@ def launch_rank(devices: int) -> int:
 def train(cfg: DictConfig) -> RWKVLitModule:
     """Validate `cfg`, then train; returns the module (its `net` holds the final weights)."""
     plan = validate(cfg)
+    check_machine(plan)
     tc = plan.cfg
     rank_zero_only.rank = launch_rank(tc.trainer.devices)  # the Trainer sets the same later
     run_dir = Path(tc.run_dir)
@@ -290,6 +291,13 @@ def train(cfg: DictConfig) -> RWKVLitModule:
         for line in data.mixture(tc.trainer.max_steps * tc.data.global_batch_size):
             log.info("data: %s", line)
     ckpt = resume_from(plan, run_dir)
+    if ckpt is not None and checkpoint_step(ckpt) > tc.trainer.max_steps:
+        raise ConfigError(
+            "trainer.max_steps",
+            f"{tc.trainer.max_steps} is below step {checkpoint_step(ckpt)} of {ckpt}, the "
+            "checkpoint resumed: nothing to train (raise it to go on, or resume= an earlier "
+            "checkpoint of the run to roll back)",
+        )
     if rank_zero_only.rank == 0:
         record_config(run_dir, tc, 0 if ckpt is None else checkpoint_step(ckpt))
     load_path = ckpt

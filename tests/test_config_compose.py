@@ -12,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from train_utils import compose_train, tiny_data, train_overrides
 
-from rwkv_train.config import ConfigError, to_schema, validate
+from rwkv_train.config import ConfigError, check_machine, to_schema, validate
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.paths import conf_dir
+from rwkv_train.train import train
 
 CONF = conf_dir()
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -118,6 +119,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("deepspeed=zero3 model.compile=true", "model.compile"),
         ("trainer.segment_len=-1", "trainer.segment_len"),
         ("trainer.precision=16-mixed", "trainer.precision"),
+        ("trainer.val_every_n_steps=-1", "trainer.val_every_n_steps"),
+        ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps"),
+        ("data.val_samples=-1", "data.val_samples"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
     ],
 )
 def test_bad_config_names_the_field(data: Path, tmp_path: Path, override: str, field: str) -> None:
@@ -126,6 +132,26 @@ def test_bad_config_names_the_field(data: Path, tmp_path: Path, override: str, f
         validate(cfg)
     assert err.value.field == field
     assert str(err.value).startswith(field)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine refuses")
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("trainer.accelerator=gpu", "trainer.accelerator"),
+        ("model.wkv_backend=cuda", "model.wkv_backend"),
+        ("trainer.accelerator=auto model.wkv_backend=cuda", "model.wkv_backend"),
+    ],
+)
+def test_what_this_machine_cannot_run_is_named_before_training(
+    data: Path, tmp_path: Path, override: str, field: str
+) -> None:
+    cfg = compose_train(train_overrides(data, tmp_path / "run", *override.split()))
+    check_machine(validate(compose_train(train_overrides(data, tmp_path / "ok"))))
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert err.value.field == field
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_model_fails_at_compose() -> None:

@@ -321,6 +321,12 @@ def test_roll_back_to_an_earlier_checkpoint_of_the_run(data: Path, tmp_path: Pat
     )
     assert [s for s, _ in list_checkpoints(ckpts)] == [8]
     assert losses(rd) == old_losses[:8]  # an exact resume from step 6
+    config = (rd / "config.yaml").read_text()
+    with pytest.raises(
+        ConfigError, match=r"trainer.max_steps: 7 is below step 8 of .*step00000008"
+    ):
+        run(data, rd, "trainer.max_steps=7", *again)
+    assert (rd / "config.yaml").read_text() == config  # the settings of the run, kept
     run(data, rd, "trainer.max_steps=10", *again)  # the same command again, for longer
     assert [s for s, _ in list_checkpoints(ckpts)] == [10]
     assert losses(rd) == old_losses[:10]
@@ -591,6 +597,8 @@ def test_nonfinite_loss_stops_with_checkpoint(
         run(data, rd, "trainer.max_steps=20", "nonfinite.max_skips=2", "data.val_samples=0")
     record = read_metrics(rd / "metrics.jsonl")
     assert record[-1]["train/nonfinite_skipped"] == 3  # two skipped, the third stops
+    skipped = [r["train/loss"] for r in record if r.get("train/nonfinite_skipped", 0) > 0]
+    assert skipped and all(np.isnan(v) for v in skipped)  # not a loss of 0
     assert find_latest(rd / "checkpoints") is not None
 
 
