@@ -1,0 +1,71 @@
+"""`python -m rwkv_train.export`: ordinary mistakes (a missing, empty or damaged source, an
+output that cannot be written) are one line naming the path and the problem, with exit
+status 2, never a traceback."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import compose_train, tiny_data, train_overrides
+
+from rwkv_train import export
+from rwkv_train.train import train
+
+Capsys = pytest.CaptureFixture[str]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-step run, its .pth, and the damaged or wrong inputs a user may pass instead."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    data = tiny_data(root / "data")
+    train(compose_train(train_overrides(data, root / "run", "trainer.max_steps=1")))
+    ckpt = next((root / "run" / "checkpoints").glob("step*.ckpt"))
+    pth = export.export(root / "run", root / "model.pth")
+    (root / "empty").mkdir()
+    (root / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:1000])
+    (root / "truncated.pth").write_bytes(pth.read_bytes()[:1000])
+    torch.save({"foo": torch.zeros(2)}, root / "other.pth")
+    torch.save({"epoch": 1}, root / "step00000001.ckpt")  # a torch file, not a checkpoint
+    (root / "plain").write_text("a file, not a folder\n")
+    return {"root": root, "run": root / "run", "pth": pth}
+
+
+def usage_error(main: Callable[[list[str]], object], argv: list[str], capsys: Capsys) -> str:
+    """The error line of a command that must stop with a usage error (status 2)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    usage, line = err.strip().splitlines()  # argparse's usage line, then the one error line
+    assert usage.startswith("usage:") and "error: " in line
+    return line
+
+
+@pytest.mark.parametrize(
+    ("src", "out", "problem", "named"),
+    [
+        ("nowhere", "out.pth", "no checkpoint or run folder at", "nowhere"),
+        ("empty", "out.pth", "no valid checkpoint in", "empty"),
+        ("truncated.ckpt", "out.pth", "cannot be opened", "truncated.ckpt"),
+        ("step00000001.ckpt", "out.pth", "is not a training checkpoint", "step00000001.ckpt"),
+        ("run", "plain/out.pth", "plain is a file, not a folder", "plain/out.pth"),
+        ("run", "plain/deeper/out.pth", "plain is a file, not a folder", "plain/deeper/out.pth"),
+        ("run", "empty", "is a folder: name the .pth file", "empty"),
+    ],
+)
+def test_export_names_the_path_and_the_problem(
+    models: dict[str, Path], src: str, out: str, problem: str, named: str, capsys: Capsys
+) -> None:
+    root = models["root"]
+    line = usage_error(export.main, [str(root / src), str(root / out)], capsys)
+    assert problem in line and str(root / named) in line
+    assert not (root / "out.pth").exists() and not list(root.glob("*.tmp"))
+
+
+def test_export_of_a_damaged_pth_writes_nothing(models: dict[str, Path], capsys: Capsys) -> None:
+    root = models["root"]
+    line = usage_error(export.main, [str(root / "truncated.pth"), str(root / "re.pth")], capsys)
+    assert "truncated.pth cannot be opened" in line and not (root / "re.pth").exists()
