@@ -7,6 +7,10 @@ The prompt is read in one parallel pass that returns the recurrent state; then e
 costs one step of the recurrence (constant time and memory per token, the point of RWKV).
 Token 0 ends a document, so sampling stops there. Text is printed as it is decoded; a
 character split across tokens appears once complete.
+
+Sampling is nucleus (top-p) sampling: the most likely tokens whose probabilities add up to
+top_p are kept, and always at least the most likely one, so top_p=0 (like temperature=0)
+picks the most likely token every time.
 """
 
 import argparse
@@ -32,12 +36,17 @@ def load_model(path: str | os.PathLike, wkv_backend: str = "auto") -> RWKV:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token from logits (V,): nucleus sampling; temperature 0 is greedy."""
+    """One token from logits (V,): nucleus sampling; temperature 0 is greedy.
+
+    The most likely token is always kept, as nucleus samplers do: the smallest set with mass
+    >= top_p is empty for top_p <= 0, which would divide 0 by 0 (so top_p=0 is greedy too).
+    """
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_p, order = probs.sort(descending=True)
     keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set with mass >= top_p
+    keep[0] = True
     sorted_p = sorted_p * keep
     choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
     return int(order[choice])

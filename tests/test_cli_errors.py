@@ -1,6 +1,6 @@
-"""`python -m rwkv_train.export`: ordinary mistakes (a missing, empty or damaged source, an
-output that cannot be written) are one line naming the path and the problem, with exit
-status 2, never a traceback."""
+"""`python -m rwkv_train.export` and `python -m rwkv_train.generate`: ordinary mistakes (a
+missing, empty or damaged source, an output that cannot be written) are one line naming the
+path and the problem, with exit status 2, never a traceback; top_p=0 samples."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_utils import compose_train, tiny_data, train_overrides
 
-from rwkv_train import export
+from rwkv_train import export, generate
 from rwkv_train.train import train
 
 Capsys = pytest.CaptureFixture[str]
@@ -42,6 +42,26 @@ def usage_error(main: Callable[[list[str]], object], argv: list[str], capsys: Ca
     usage, line = err.strip().splitlines()  # argparse's usage line, then the one error line
     assert usage.startswith("usage:") and "error: " in line
     return line
+
+
+def test_top_p_zero_keeps_the_most_likely_token() -> None:
+    logits = torch.tensor([0.5, 2.0, 1.0, -1.0])
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        assert generate.sample(logits, 1.0, 0.0, gen) == 1
+        assert generate.sample(logits, 1.0, -0.5, gen) == 1
+    # a small top_p keeps the smallest set reaching it: here the top two tokens
+    picks = {generate.sample(logits, 1.0, 0.8, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert picks == {1, 2}
+
+
+# the prompt "x" is a token of the tiny test vocabulary
+def test_generate_with_top_p_zero_is_greedy(models: dict[str, Path], capsys: Capsys) -> None:
+    outputs = []
+    for setting in ("top_p=0", "temperature=0"):
+        generate.main([str(models["pth"]), "prompt=x", "max_tokens=5", setting, "seed=3"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("x")
 
 
 @pytest.mark.parametrize(
