@@ -9,11 +9,15 @@ Token 0 ends a document, so sampling stops there. Text is printed as it is decod
 character split across tokens appears once complete.
 
 Sampling is nucleus (top-p) sampling: the most likely tokens whose probabilities add up to
-top_p are kept, and always at least the most likely one, so top_p=0 (like temperature=0)
-picks the most likely token every time.
+top_p (0 to 1) are kept, and always at least the most likely one, so top_p=0 (like
+temperature=0) picks the most likely token every time. A setting that is not a number, or is
+out of range (temperature >= 0, 0 <= top_p <= 1, max_tokens >= 0), and a model path that is
+missing or cannot be read, are a one-line error naming it, with exit status 2.
 """
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -21,17 +25,26 @@ from pathlib import Path
 
 import torch
 
-from rwkv_train.export import load_weights
+from rwkv_train.export import ModelFileError, load_weights
 from rwkv_train.model import RWKV, RWKVConfig
 
 
 def load_model(path: str | os.PathLike, wkv_backend: str = "auto") -> RWKV:
     """An eval-mode fp32 model from a run folder, a training checkpoint or a .pth."""
     sd = load_weights(path)
-    cfg = RWKVConfig.from_state_dict(sd, wkv_backend=wkv_backend)
+    try:  # another model's weights lack names or shapes of the reference layout
+        cfg = RWKVConfig.from_state_dict(sd)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ModelFileError(f"{path} does not hold RWKV weights ({type(e).__name__}: {e})") from e
+    cfg = dataclasses.replace(cfg, wkv_backend=wkv_backend)  # a bad backend: the caller's error
     with torch.device("meta"):
         net = RWKV(cfg)
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    try:
+        net.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    except RuntimeError as e:  # names or shapes beside those of the architecture read
+        raise ModelFileError(
+            f"{path} does not hold RWKV weights (names or shapes unlike the reference layout)"
+        ) from e
     return net.eval()
 
 
@@ -41,7 +54,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     The most likely token is always kept, as nucleus samplers do: the smallest set with mass
     >= top_p is empty for top_p <= 0, which would divide 0 by 0 (so top_p=0 is greedy too).
     """
-    if temperature <= 0:
+    if temperature < 0 or math.isnan(temperature):
+        raise ValueError(f"temperature must be >= 0, not {temperature}")
+    if temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_p, order = probs.sort(descending=True)
@@ -100,32 +115,56 @@ def generate_text(
         yield tail
 
 
-def _parse(argv: list[str] | None) -> tuple[Path, dict[str, str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# The numeric settings: their type, default, and the values allowed (with how to say so).
+SETTINGS: dict[str, tuple[type, float | int, Callable[[float], bool], str]] = {
+    "max_tokens": (int, 200, lambda v: v >= 0, "a whole number >= 0"),
+    "temperature": (float, 1.0, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "top_p": (float, 0.85, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "seed": (int, 0, lambda v: -(2**63) <= v < 2**64, "a whole number of 64 bits"),
+}
+
+
+def _parse(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[Path, str, dict[str, float | int]]:
+    """The model path, the prompt and the numeric settings, each checked here: a mistake is
+    a usage error naming the setting, before the model is loaded."""
     parser.add_argument("path", help="run folder, checkpoint or .pth")
     parser.add_argument("settings", nargs="*", help="key=value: prompt, max_tokens, ...")
     args = parser.parse_args(argv)
-    settings = {}
+    prompt = ""
+    settings = {key: default for key, (_, default, _, _) in SETTINGS.items()}
     for item in args.settings:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("prompt", "max_tokens", "temperature", "top_p", "seed"):
+        if sep and key == "prompt":
+            prompt = value
+            continue
+        if not sep or key not in SETTINGS:
             parser.error(f"unknown setting {item!r}")
-        settings[key] = value
-    return Path(args.path), settings
+        kind, _, allowed, wanted = SETTINGS[key]
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+        if number is None or not allowed(number):  # nan fails every comparison: refused too
+            parser.error(f"{key} must be {wanted}, not {value!r}")
+        settings[key] = number
+    path = Path(args.path)
+    if not path.exists():
+        parser.error(f"no model at {path}")
+    return path, prompt, settings
 
 
 def main(argv: list[str] | None = None) -> None:
-    path, s = _parse(argv)
-    net = load_model(path)
-    sys.stdout.write(s.get("prompt", ""))
-    for piece in generate_text(
-        net,
-        s.get("prompt", ""),
-        max_tokens=int(s.get("max_tokens", 200)),
-        temperature=float(s.get("temperature", 1.0)),
-        top_p=float(s.get("top_p", 0.85)),
-        seed=int(s.get("seed", 0)),
-    ):
+    """The command line: a user's mistake is a one-line usage error (exit status 2)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    path, prompt, settings = _parse(parser, argv)
+    try:
+        net = load_model(path)
+    except (FileNotFoundError, ModelFileError) as e:
+        parser.error(str(e))
+    sys.stdout.write(prompt)
+    for piece in generate_text(net, prompt, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

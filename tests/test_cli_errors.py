@@ -1,6 +1,6 @@
-"""`python -m rwkv_train.export` and `python -m rwkv_train.generate`: ordinary mistakes (a
-missing, empty or damaged source, an output that cannot be written) are one line naming the
-path and the problem, with exit status 2, never a traceback; top_p=0 samples."""
+"""`python -m rwkv_train.generate` and `python -m rwkv_train.export`: ordinary mistakes (a
+missing or damaged model, a bad setting, an output that cannot be written) are one line
+naming the path or setting, with exit status 2, never a traceback; top_p=0 samples."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +27,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:1000])
     (root / "truncated.pth").write_bytes(pth.read_bytes()[:1000])
     torch.save({"foo": torch.zeros(2)}, root / "other.pth")
+    weights = torch.load(pth, weights_only=True)
+    torch.save({**weights, "head.bias": torch.zeros(1)}, root / "extra.pth")  # not RWKV's
     torch.save({"epoch": 1}, root / "step00000001.ckpt")  # a torch file, not a checkpoint
     (root / "plain").write_text("a file, not a folder\n")
     return {"root": root, "run": root / "run", "pth": pth}
@@ -55,6 +57,11 @@ def test_top_p_zero_keeps_the_most_likely_token() -> None:
     assert picks == {1, 2}
 
 
+def test_sample_refuses_a_negative_temperature() -> None:
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate.sample(torch.zeros(4), -1.0, 0.85, torch.Generator())
+
+
 # the prompt "x" is a token of the tiny test vocabulary
 def test_generate_with_top_p_zero_is_greedy(models: dict[str, Path], capsys: Capsys) -> None:
     outputs = []
@@ -62,6 +69,38 @@ def test_generate_with_top_p_zero_is_greedy(models: dict[str, Path], capsys: Cap
         generate.main([str(models["pth"]), "prompt=x", "max_tokens=5", setting, "seed=3"])
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].startswith("x")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["max_tokens=abc", "max_tokens=-1", "temperature=-1", "temperature=nan", "top_p=1.5",
+     "top_p=x", "seed=1.5"],
+)  # fmt: skip
+def test_generate_refuses_bad_settings(
+    models: dict[str, Path], setting: str, capsys: Capsys
+) -> None:
+    line = usage_error(generate.main, [str(models["pth"]), "prompt=x", setting], capsys)
+    key, value = setting.split("=")
+    assert f"{key} must be" in line and repr(value) in line
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("nowhere.pth", "no model at"),
+        ("empty", "no valid checkpoint in"),
+        ("truncated.ckpt", "cannot be opened"),
+        ("truncated.pth", "cannot be opened"),
+        ("other.pth", "does not hold RWKV weights"),
+        ("extra.pth", "does not hold RWKV weights"),
+        ("step00000001.ckpt", "is not a training checkpoint"),
+    ],
+)
+def test_generate_names_a_model_it_cannot_load(
+    models: dict[str, Path], name: str, problem: str, capsys: Capsys
+) -> None:
+    line = usage_error(generate.main, [str(models["root"] / name), "prompt=x"], capsys)
+    assert problem in line and str(models["root"] / name) in line
 
 
 @pytest.mark.parametrize(
