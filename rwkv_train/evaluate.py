@@ -31,7 +31,7 @@ from rwkv_train.data import load_manifest
 from rwkv_train.data.dataset import TokenStream, ValidationChunks
 from rwkv_train.data.loader import val_sources
 from rwkv_train.data.manifest import ManifestError
-from rwkv_train.export import resolve_checkpoint
+from rwkv_train.export import ModelFileError, resolve_checkpoint
 from rwkv_train.generate import load_model
 from rwkv_train.lambada import encode, largest_id, read_passages, score
 from rwkv_train.model import RWKV
@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if lambada is not None:  # the largest id of its passages must be one the model has
         vocab = max(vocab, 1 + largest_id(lambada))
     for path, source in zip(args.models, sources, strict=True):
-        net = load_model(source).to(args.device)
+        try:
+            net = load_model(source).to(args.device)
+        except ModelFileError as e:  # truncated, or not a model: say which, not a traceback
+            p.error(str(e))
         if net.cfg.vocab_size < vocab:
             p.error(f"{path} has {net.cfg.vocab_size} token ids, the data {vocab}")
         metrics: dict[str, float] = {}

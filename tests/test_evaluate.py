@@ -81,5 +81,10 @@ def test_command_scores_checkpoints_and_a_pth(
             main([str(run["root"] / bad[0]), *bad[1:]])
     printed = capsys.readouterr().err
     assert "no valid checkpoint in" in printed and "no manifest.json at" in printed
+    torn = run["root"] / "torn.ckpt"
+    torn.write_bytes(ckpts[0].read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        main([str(torn), *common])
+    assert f"{torn} cannot be opened" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no val chunk of 1000 tokens
         main([str(pth), "--data", str(run["data"]), "--ctx-len", "1000"])
