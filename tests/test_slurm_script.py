@@ -265,6 +265,15 @@ def test_data_prep_array_parts_merge_and_verify(tmp_path: Path) -> None:
         done = subprocess.run(cmd, env=task, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["part_00000", "part_00001"]
+    # Task 1 rerun alone (sbatch --array=1: an array of one task), after a kill before its
+    # manifest: it resumes part 1 of 2, the count its part was started with.
+    (out / "part_00001" / "manifest.json").unlink()
+    alone = {**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "1"}
+    done = subprocess.run(cmd, env=alone, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "part 1 of 2" in done.stdout, done.stderr[-2000:]
+    fresh = [*cmd[:2], str(tmp_path / "fresh"), *cmd[3:]]  # no part to take the count from
+    done = subprocess.run(fresh, env=alone, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "NUM_PARTS" in done.stderr
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
