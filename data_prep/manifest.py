@@ -46,7 +46,12 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a built corpus folder")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a data_prep manifest (not a JSON object)")
     for key in ("tokenizer", "total_tokens", "shards", "sources"):
         if key not in manifest:
             raise ValueError(f"{path}: no '{key}' key, not a data_prep manifest")

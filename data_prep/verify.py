@@ -74,6 +74,9 @@ def verify(
             f"tokenizer: built with vocabulary sha256 {tok.get('sha256')}, "
             f"the installed {tok.get('name')} has {vocab_sha}"
         )
+    entry_problems = _check_entries(manifest)
+    if entry_problems:  # the entries the checks below read are not all there
+        return problems + entry_problems
     tick = on_bytes or (lambda n: None)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # results come back in shard order
         found_per_shard = pool.map(
@@ -83,17 +86,42 @@ def verify(
             problems += shard_problems
     listed = {shard["prefix"] for shard in manifest["shards"]}
     found = per_source(manifest)
-    total = sum(s["tokens"] for s in manifest["shards"])
-    if total != manifest["total_tokens"]:
-        problems.append(f"total_tokens is {manifest['total_tokens']}, the shards hold {total}")
+    for key, field in (("total_tokens", "tokens"), ("total_documents", "documents")):
+        total = sum(s[field] for s in manifest["shards"])
+        if key in manifest and total != manifest[key]:
+            problems.append(f"{key} is {manifest[key]}, the shards hold {total}")
     for src in manifest["sources"]:
         problems += _check_source(src, found.pop(src["name"], [0, 0]))
     for name in found:
         problems.append(f"shards of source {name!r}, which is not in the sources list")
-    for idx in sorted(folder.rglob("*.idx")):
-        prefix = idx.relative_to(folder).with_suffix("").as_posix()
-        if prefix not in listed and not prefix.startswith((".", "_")):
+    unlisted = {
+        p.relative_to(folder).with_suffix("").as_posix()
+        for p in [*folder.rglob("*.idx"), *folder.rglob("*.bin")]
+    }
+    for prefix in sorted(unlisted - listed):
+        if not prefix.startswith((".", "_")):
             problems.append(f"{prefix}: a shard in the folder that the manifest does not list")
+    return problems
+
+
+SHARD_KEYS = ("prefix", "source", "split", "documents", "tokens", "sha256_bin", "sha256_idx")
+SOURCE_KEYS = ("name", "documents_in", "documents_written", "rejected")
+
+
+def _check_entries(manifest: dict[str, Any]) -> list[str]:
+    """Entries of the manifest that lack the keys the checks read, or name another split: a
+    hand-edited or foreign manifest is reported, not a KeyError."""
+    problems = []
+    for i, shard in enumerate(manifest["shards"]):
+        missing = [k for k in SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
+        if missing:
+            problems.append(f"shards[{i}]: no {', '.join(missing)}")
+        elif shard["split"] not in ("train", "val"):
+            problems.append(f"shard {shard['prefix']}: split {shard['split']!r}, not train or val")
+    for i, src in enumerate(manifest["sources"]):
+        missing = [k for k in SOURCE_KEYS if not isinstance(src, dict) or k not in src]
+        if missing:
+            problems.append(f"sources[{i}]: no {', '.join(missing)}")
     return problems
 
 

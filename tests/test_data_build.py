@@ -318,6 +318,40 @@ def test_verify_catches_a_flipped_byte(tmp_path, capsys):
     assert verify_main([str(tmp_path / "nowhere")]) == 1
 
 
+def test_verify_reports_a_hand_edited_manifest_without_a_traceback(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", docs(30))
+    out = tmp_path / "out"
+    build(cfg(out, [src]))
+    path = out / "manifest.json"
+    good = json.loads(path.read_text())
+
+    def edited(change) -> list[str]:
+        m = json.loads(json.dumps(good))
+        change(m)
+        path.write_text(json.dumps(m))
+        return verify(out, checksums=False)
+
+    assert edited(lambda m: None) == []
+    assert edited(lambda m: m.update(total_documents=m["total_documents"] + 1)) == [
+        f"total_documents is {good['total_documents'] + 1}, the shards hold "
+        f"{good['total_documents']}"
+    ]
+    prefix = good["shards"][0]["prefix"]
+    assert edited(lambda m: m["shards"][0].update(split="test")) == [
+        f"shard {prefix}: split 'test', not train or val"
+    ]
+    assert edited(lambda m: m["shards"][1].pop("sha256_bin")) == ["shards[1]: no sha256_bin"]
+    assert edited(lambda m: m["sources"][0].pop("rejected")) == ["sources[0]: no rejected"]
+    path.write_text(json.dumps(good))
+    (out / "stray_train_00000.bin").write_bytes(b"\0\0")  # a .bin without its .idx
+    assert verify(out, checksums=False) == [
+        "stray_train_00000: a shard in the folder that the manifest does not list"
+    ]
+    path.write_text(path.read_text()[:-20])
+    assert verify_main([str(out)]) == 1
+    assert "manifest.json: not valid JSON" in capsys.readouterr().err
+
+
 def test_verify_on_threads_reports_in_shard_order(tmp_path, monkeypatch):
     """Shards checked on three threads, each .bin read in 6-byte blocks: the problems come
     back in shard order, an id out of range in a later block is found, and the progress
