@@ -85,6 +85,22 @@ def _read_pth(path: str, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
     return sd
 
 
+def check_init_from(path: str, model_cfg: RWKVConfig) -> None:
+    """Refuse, naming the field, a .pth that cannot start this model: the load itself comes
+    after the trainer and its strategy are set up, minutes into a cluster job. Memory-mapped,
+    so the check reads the file's index and shapes, not its weights."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in RWKV(model_cfg).state_dict().items()}
+    try:
+        _read_pth(path, shapes)
+    except ValueError as e:  # names or shapes of another model (its message names the path)
+        raise ConfigError("model.init_from", str(e)) from None
+    except Exception as e:  # not a weights-only .pth at all: truncated, pickled objects...
+        raise ConfigError(
+            "model.init_from", f"{path} cannot be read as a .pth of weights ({type(e).__name__})"
+        ) from None
+
+
 def load_pth(net: RWKV, path: str) -> None:
     """Load a reference-layout .pth (weights only, any float dtype) into `net`."""
     own = net.state_dict()

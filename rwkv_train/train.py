@@ -37,7 +37,7 @@ from rwkv_train.checkpoint import (
 )
 from rwkv_train.config import ConfigError, Plan, TrainConfig, check_machine, validate
 from rwkv_train.data.loader import TokenDataModule
-from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
+from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule, check_init_from
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
 from rwkv_train.preempt import PreemptionCallback, Terminated, slurm_plugins
@@ -264,6 +264,8 @@ def train(cfg: DictConfig) -> RWKVLitModule:
     """Validate `cfg`, then train; returns the module (its `net` holds the final weights)."""
     plan = validate(cfg)
     check_machine(plan)
+    if plan.init_from is not None:
+        check_init_from(plan.init_from, plan.model)
     tc = plan.cfg
     rank_zero_only.rank = launch_rank(tc.trainer.devices)  # the Trainer sets the same later
     run_dir = Path(tc.run_dir)

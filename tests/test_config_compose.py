@@ -154,6 +154,29 @@ def test_what_this_machine_cannot_run_is_named_before_training(
     assert not (tmp_path / "run").exists()
 
 
+def test_an_init_from_that_cannot_start_the_model_is_named_before_training(
+    data: Path, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint" * 100)
+    with torch.device("meta"):
+        other = RWKV(
+            validate(
+                compose_train(
+                    train_overrides(data, tmp_path, "model=eagle_debug", "model.vocab_size=128")
+                )
+            ).model
+        )
+    eagle = tmp_path / "eagle.pth"
+    torch.save({k: torch.zeros(v.shape) for k, v in other.state_dict().items()}, eagle)
+    for pth, message in ((garbage, "cannot be read as a .pth"), (eagle, "does not fit the model")):
+        run_dir = tmp_path / pth.stem
+        with pytest.raises(ConfigError, match=message) as err:
+            train(compose_train(train_overrides(data, run_dir, f"model.init_from={pth}")))
+        assert err.value.field == "model.init_from"
+        assert not run_dir.exists()
+
+
 def test_unknown_model_fails_at_compose() -> None:
     with pytest.raises(Exception, match="model"):
         _compose("train", ["model=finch_999b"])
