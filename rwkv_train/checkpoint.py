@@ -124,17 +124,20 @@ def checkpoint_step(path: Path) -> int:
     return int(m.group(1))
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-    path.with_suffix(".json").unlink(missing_ok=True)
-    from rwkv_train.reshard import failed_path, single_path, universal_path  # derived copies
+def _entries(path: Path) -> list[Path]:
+    """A checkpoint's entries in its folder: itself, its record and its derived copies."""
+    from rwkv_train.reshard import failed_path, single_path, universal_path
 
-    shutil.rmtree(universal_path(path), ignore_errors=True)
-    single_path(path).unlink(missing_ok=True)
-    failed_path(path).unlink(missing_ok=True)
+    derived = [universal_path(path), single_path(path), failed_path(path)]
+    return [path, path.with_suffix(".json"), *derived]
+
+
+def _remove(path: Path) -> None:
+    for entry in _entries(path):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def set_aside_after(run_dir: Path, step: int) -> Path:
@@ -153,9 +156,9 @@ def set_aside_after(run_dir: Path, step: int) -> Path:
     folder = run_dir / "checkpoints"
     for later_step, path in list_checkpoints(folder):
         if later_step > step:
-            for part in (path, path.with_suffix(".json")):
-                if part.exists():
-                    os.replace(part, tmp / part.name)
+            for entry in _entries(path):
+                if entry.exists():
+                    os.replace(entry, tmp / entry.name)
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         rows = [ln for ln in metrics.read_text().splitlines() if ln.strip()]

@@ -40,6 +40,7 @@ from rwkv_train.metrics import read_metrics
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.optim import LRSchedule, param_groups
 from rwkv_train.progress import Progress
+from rwkv_train.reshard import single_path
 from rwkv_train.train import train
 
 
@@ -306,6 +307,7 @@ def test_roll_back_to_an_earlier_checkpoint_of_the_run(data: Path, tmp_path: Pat
     assert [s for s, _ in list_checkpoints(ckpts)] == [6, 9, 12]
     with pytest.raises(ConfigError, match=r"resume=none, but .* step00000012\.ckpt"):
         run(data, rd, "resume=none")
+    single_path(ckpts / "step00000009.ckpt").write_bytes(b"x")  # a derived copy goes along
     again = (
         fixed,
         "checkpoint.every_n_steps=1",
@@ -315,6 +317,8 @@ def test_roll_back_to_an_earlier_checkpoint_of_the_run(data: Path, tmp_path: Pat
     run(data, rd, "trainer.max_steps=8", *again)
     aside = rd / "abandoned" / "after_step00000006"
     assert [s for s, _ in list_checkpoints(aside)] == [9, 12]
+    assert single_path(aside / "step00000009.ckpt").exists()
+    assert not any(p.name.startswith("step00000009") for p in ckpts.iterdir())
     assert all(is_valid(p)[0] for _, p in list_checkpoints(aside))
     assert [r["step"] for r in read_metrics(aside / "metrics.jsonl") if "train/loss" in r] == list(
         range(7, 13)
