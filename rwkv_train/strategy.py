@@ -5,7 +5,8 @@ Why this module exists: Lightning's `DeepSpeedStrategy` refuses any accelerator 
 index), and passes `device_rank=root_device.index` (None on a CPU) to `deepspeed.initialize`.
 DeepSpeed itself runs on CPUs (its CPU accelerator, gloo collectives), and that is how the
 ZeRO stages, their checkpoints and resuming are tested without a GPU. On a GPU this class
-defers to the stock strategy in every method it overrides, so GPU runs behave as Lightning's.
+defers to the stock strategy in every method it overrides but `backward`, which keeps DeepSpeed
+from scaling the loss for gradient accumulation a second time.
 
 `deepspeed_config()` turns the `deepspeed` config group (conf/deepspeed/*.yaml) into
 DeepSpeed's JSON config; precision (bf16) and gradient accumulation are added by Lightning
@@ -56,9 +57,19 @@ def deepspeed_config(tc: TrainConfig, load_universal: bool = False) -> dict[str,
 
 
 class RWKVDeepSpeedStrategy(DeepSpeedStrategy):
-    """`DeepSpeedStrategy` that also accepts the CPU accelerator (gloo); unchanged on CUDA."""
+    """`DeepSpeedStrategy` that also accepts the CPU accelerator (gloo), and whose gradients
+    are the mean over the accumulated micro-batches, as under DDP."""
 
     strategy_name = "rwkv_deepspeed"
+
+    def backward(
+        self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        # Lightning's loop has divided the loss by the accumulation count already; DeepSpeed's
+        # engine.backward would divide it again (by the gradient_accumulation_steps Lightning
+        # puts in its config), halving the gradients, their norm and the clipping threshold
+        # in effect at an accumulation of two.
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
 
     def _on_cpu(self) -> bool:
         return not isinstance(self.accelerator, CUDAAccelerator)

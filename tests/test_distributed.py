@@ -90,6 +90,30 @@ def test_two_ranks_equal_one_rank_accumulating_two(zero_runs: dict[str, Path]) -
     assert val[1][0][1] == pytest.approx(val[0][0][1], abs=1e-5)
 
 
+def test_zero_accumulating_two_has_the_gradients_of_ddp(
+    zero_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """One rank accumulating two micro-batches: ZeRO-1/2/3 log the gradient norm of a run
+    without DeepSpeed and, with a clipping threshold between it and its half, train the same
+    losses (DeepSpeed's own division by the accumulation count came on top of Lightning's)."""
+
+    def run(name: str, *extra: str) -> list[dict]:  # a process each: DeepSpeed's groups
+        overrides = train_overrides(
+            zero_runs["data"], tmp_path / name, *SAME, "trainer.max_steps=4",
+            "optim.grad_clip=1000", "data.val_samples=0", *extra,
+        )  # fmt: skip
+        launch([sys.executable, "-m", "rwkv_train.train", *overrides], tmp_path)
+        return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/loss" in r]
+
+    plain = run("none", "deepspeed=none")
+    assert plain[0]["optim/grad_norm"] > 1000 > plain[-1]["optim/grad_norm"]  # clipped, then not
+    for stage in (1, 2, 3):
+        rows = run(f"zero{stage}", f"deepspeed=zero{stage}", *SMALL_BUCKETS)
+        for key, tol in (("optim/grad_norm", 1e-4), ("train/loss", 1e-5)):
+            got, want = [r[key] for r in rows], [r[key] for r in plain]
+            assert got == pytest.approx(want, rel=tol), (stage, key)
+
+
 def test_sigkill_after_checkpoint_then_resume_zero3(zero_runs: dict[str, Path]) -> None:
     run_dir = zero_runs["root"] / "killed"
     proc = subprocess.Popen(
