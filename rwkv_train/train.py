@@ -5,6 +5,7 @@ LightningModule, the DataModule and the Trainer, resume from the run's newest va
 checkpoint, and fit.
 """
 
+import hashlib
 import logging
 import os
 import secrets
@@ -217,6 +218,18 @@ def _roll_back(run_dir: Path, path: Path) -> Path | None:
             run_dir, step, later or "(none)", step, aside, step,
         )  # fmt: skip
     return path
+
+
+def sweep_subdir(override_dirname: str, limit: int = 120) -> str:
+    """A sweep job's folder name (hydra.sweep.subdir): its overrides, or where they are too
+    long for a file name (255 bytes), their start and a hash of them all."""
+    if len(override_dirname.encode()) <= limit:
+        return override_dirname
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
+    return f"{override_dirname.encode()[: limit - 13].decode(errors='ignore')}_{digest}"
+
+
+OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -310,6 +310,14 @@ def test_lr_sweep_dry_run_with_submitit_local(data: Path, tmp_path: Path) -> Non
         p.parent.parent for p in (tmp_path / "sweeps" / "lr").glob("*/checkpoints/*.ckpt")
     )
     assert len(runs) == 2 and all(steps(r) == [1, 2] for r in runs), done.stdout[-3000:]
+    # Rerun longer, with settings that do not change what is trained: the jobs resume in
+    # their folders (whose names stay short enough for a file system).
+    cmd = [*cmd, "trainer.max_steps=3", "checkpoint.keep_last=2", "trainer.log_every_n_steps=1"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    jobs = [p for p in (tmp_path / "sweeps" / "lr").iterdir() if (p / "checkpoints").is_dir()]
+    assert sorted(jobs) == runs
+    assert all(steps(r) == [1, 2, 3] and len(r.name) <= 120 for r in runs)
 
 
 @pytest.mark.slow
