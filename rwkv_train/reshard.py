@@ -383,7 +383,7 @@ def ensure_loadable(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: convert a run's newest valid ZeRO checkpoint (or the given one)."""
-    from rwkv_train.checkpoint import find_latest
+    from rwkv_train.checkpoint import find_latest, is_valid
 
     p = argparse.ArgumentParser(prog="python -m rwkv_train.reshard", description=__doc__)
     p.add_argument("path", type=Path, help="a run folder or a ZeRO checkpoint folder")
@@ -401,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if not ckpt.is_dir():
         print(f"reshard: {ckpt} is a single-file checkpoint: nothing to convert", file=sys.stderr)
+        return 1
+    ok, reason = is_valid(ckpt)  # a partition missing would make an incomplete universal form
+    if not ok:
+        print(f"reshard: {ckpt}: {reason}", file=sys.stderr)
         return 1
     print(f"reshard: {make_universal(ckpt, args.workers, args.stage)}")
     return 0

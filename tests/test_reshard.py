@@ -3,6 +3,7 @@
 carries over and the losses are the uninterrupted run's.
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -157,6 +158,9 @@ def test_reshard_command_converts_a_checkpoint_saved_without_the_universal_key(
     sd = torch.load(states, weights_only=False)
     del sd[INFO_KEY]
     torch.save(sd, states)
+    record = ckpt.with_suffix(".json")  # as a checkpoint of that version would have it
+    sizes = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    record.write_text(json.dumps({**json.loads(record.read_text()), "bytes": sizes}))
     assert main([str(ckpt)]) == 0
     out = Path(capsys.readouterr().out.split("reshard: ")[-1].strip())
     assert out == ckpt.with_name(ckpt.name + ".universal")
@@ -165,6 +169,11 @@ def test_reshard_command_converts_a_checkpoint_saved_without_the_universal_key(
     assert (out / tag / "zero" / "net.head.weight" / "exp_avg.pt").is_file()
     assert INFO_KEY not in torch.load(states, weights_only=False)  # the original is untouched
     assert main([str(tmp_path / "nowhere")]) == 1
+    shutil.rmtree(out)
+    next(ckpt.rglob("*zero_pp_rank_1_*optim_states.pt")).unlink()  # a partition lost
+    assert main([str(ckpt)]) == 1
+    assert "size differs from the completion record" in capsys.readouterr().err
+    assert not out.exists()  # no universal form made of what is left
 
 
 def test_offload_can_be_turned_on_and_off_on_resume(
