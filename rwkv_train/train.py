@@ -220,7 +220,7 @@ def _roll_back(run_dir: Path, path: Path) -> Path | None:
     return path
 
 
-def sweep_subdir(override_dirname: str, limit: int = 120) -> str:
+def sweep_subdir(override_dirname: str, limit: int = 240) -> str:
     """A sweep job's folder name (hydra.sweep.subdir): its overrides, or where they are too
     long for a file name (255 bytes), their start and a hash of them all."""
     if len(override_dirname.encode()) <= limit:

@@ -15,7 +15,7 @@ from train_utils import compose_train, tiny_data, train_overrides
 from rwkv_train.config import ConfigError, check_machine, to_schema, validate
 from rwkv_train.model import RWKV, RWKVConfig
 from rwkv_train.paths import conf_dir
-from rwkv_train.train import train
+from rwkv_train.train import sweep_subdir, train
 
 CONF = conf_dir()
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -175,6 +175,16 @@ def test_an_init_from_that_cannot_start_the_model_is_named_before_training(
             train(compose_train(train_overrides(data, run_dir, f"model.init_from={pth}")))
         assert err.value.field == "model.init_from"
         assert not run_dir.exists()
+
+
+def test_sweep_folder_names_fit_a_file_system() -> None:
+    assert sweep_subdir("+sweep=lr,optim.lr_init=0.0002") == "+sweep=lr,optim.lr_init=0.0002"
+    long = [
+        ",".join(f"data.key_{i}=é{i}" for i in range(40)) + f",optim.lr_init={lr}" for lr in (1, 2)
+    ]
+    names = [sweep_subdir(x) for x in long]
+    assert names[0] != names[1] and all(len(n.encode()) <= 240 for n in names)
+    assert names[0].startswith(long[0][:100]) and names[0] == sweep_subdir(long[0])
 
 
 def test_unknown_model_fails_at_compose() -> None:
