@@ -211,8 +211,48 @@ def checkpoint_lead_seconds(model: RWKVConfig, cfg: DictConfig) -> int:
     return math.ceil(2 * size / (cfg.ckpt_write_gbps * GB)) + 60
 
 
+class PlanError(ValueError):
+    """A planner setting that cannot describe a job; the message names it."""
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse settings no job has, naming them, before any arithmetic divides by them."""
+
+    def number(key: str, whole: bool, low: float, high: float = math.inf) -> None:
+        """A whole number >= low, or any number > low (and <= high)."""
+        value = cfg[key]
+        kinds = (int,) if whole else (int, float)
+        fits = isinstance(value, kinds) and not isinstance(value, bool)
+        if fits:
+            fits = (value >= low if whole else value > low) and value <= high
+        if not fits:
+            want = f"a whole number >= {low}" if whole else f"a number > {low}"
+            limit = f" and <= {high}" if high < math.inf else ""
+            raise PlanError(f"{key}: must be {want}{limit}, not {value!r}")
+
+    for key in ("gpus", "ctx_len", "max_micro_batch", "gpus_per_node"):
+        number(key, True, 1)
+    for key in ("gpu_mem_gb", "gpu_tflops", "host_mem_gb", "ckpt_write_gbps"):
+        number(key, False, 0)
+    number("mfu", False, 0, 1)
+    headroom = cfg.headroom_gb
+    if isinstance(headroom, bool) or not isinstance(headroom, int | float) or headroom < 0:
+        raise PlanError(f"headroom_gb: must be a number >= 0, not {headroom!r}")
+    if cfg.micro_batch_size is not None:
+        number("micro_batch_size", True, 1)
+    if cfg.segment_len is not None:
+        number("segment_len", True, 0, cfg.ctx_len)
+    if cfg.zero_stage is not None and cfg.zero_stage not in (1, 2, 3):
+        raise PlanError(f"zero_stage: must be 1, 2, 3 or null, not {cfg.zero_stage!r}")
+    if cfg.zero_stage is not None and cfg.offload and cfg.zero_stage == 1:
+        raise PlanError("offload=true needs zero_stage 2 or 3 (or null)")
+    if cfg.global_batch_tokens is not None:
+        number("global_batch_tokens", True, cfg.gpus * cfg.ctx_len)
+
+
 def report(cfg: DictConfig) -> int:
     """Print the plan; 0 when a setting fits, 1 when none does."""
+    check(cfg)
     mcfg = OmegaConf.to_container(cfg.model, resolve=True)
     mcfg.pop("init_from", None)
     model = RWKVConfig.from_dict(mcfg)
@@ -299,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("plan", overrides=args, return_hydra_config=True)
-    return report(cfg)
+    try:
+        return report(cfg)
+    except PlanError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

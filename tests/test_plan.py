@@ -117,3 +117,26 @@ def test_plan_offloads_only_when_nothing_else_fits(capsys: pytest.CaptureFixture
     assert "GB of host memory per node (1 GPUs) > host_mem_gb=32" in capsys.readouterr().out
     assert main(["model=finch_14b", "gpus=8", "gpu_mem_gb=80"]) == 0
     assert "proposed: deepspeed=zero2 " in capsys.readouterr().out  # fits without: no offload
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("gpus=0", "gpus: must be a whole number >= 1, not 0"),
+        ("gpus=abc", "gpus: must be a whole number >= 1, not 'abc'"),
+        ("mfu=0", "mfu: must be a number > 0 and <= 1, not 0"),
+        ("mfu=2", "mfu: must be a number > 0 and <= 1, not 2"),
+        ("ctx_len=0", "ctx_len: must be a whole number >= 1, not 0"),
+        ("micro_batch_size=0", "micro_batch_size: must be a whole number >= 1, not 0"),
+        ("segment_len=8192", "segment_len: must be a whole number >= 0 and <= 4096, not 8192"),
+        ("zero_stage=4", "zero_stage: must be 1, 2, 3 or null, not 4"),
+        ("offload=true zero_stage=1", "offload=true needs zero_stage 2 or 3"),
+        ("global_batch_tokens=1000", "global_batch_tokens: must be a whole number >= 32768"),
+    ],
+)
+def test_plan_names_a_setting_no_job_has(
+    override: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["model=finch_3b", "gpus=8", "ctx_len=4096", *override.split()]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(f"plan: {message}") and out.out == ""
