@@ -310,7 +310,10 @@ def report(cfg: DictConfig) -> int:
         )
         return 1
     best = fits[0]
-    tps = tokens_per_second(model, cfg)
+    # Forward and backward are three forwards' work; segments and gradient checkpointing each
+    # run the forward once more, work that model FLOPs (and so MFU) do not count.
+    recomputes = bool(best.segment_len) + bool(best.grad_checkpoint)
+    tps = tokens_per_second(model, cfg) * 3 / (3 + recomputes)
     global_tokens = cfg.global_batch_tokens or best.micro_batch_size * cfg.gpus * cfg.ctx_len
     host = f", {best.host * node / GB:.1f} GB of host memory per node" if best.host else ""
     print(
@@ -318,8 +321,12 @@ def report(cfg: DictConfig) -> int:
         f"{host})"
     )
     slower = " (less with offload: the optimizer steps on the CPU)" if best.host else ""
-    if best.segment_len:  # each segment's forward runs twice: about 4/3 of the work
-        slower += " (about 3/4 of this with segments: each forward is recomputed)"
+    if recomputes:
+        what = " and ".join(
+            w for w, on in (("segments", best.segment_len), ("checkpointing", best.grad_checkpoint))
+            if on
+        )  # fmt: skip
+        slower += f" with {what} (each recomputes the forward: x{3 / (3 + recomputes):.2f})"
     print(
         f"throughput at MFU {cfg.mfu:.0%}{slower}: {tps / 1e3:.1f}K tokens/s per GPU, "
         f"{tps * cfg.gpus / 1e3:.1f}K tokens/s in all, "

@@ -140,3 +140,15 @@ def test_plan_names_a_setting_no_job_has(
     assert main(["model=finch_3b", "gpus=8", "ctx_len=4096", *override.split()]) == 2
     out = capsys.readouterr()
     assert out.err.startswith(f"plan: {message}") and out.out == ""
+
+
+def test_throughput_counts_the_recomputed_forward(capsys: pytest.CaptureFixture) -> None:
+    """Gradient checkpointing, like segments, runs each forward again: 4 forwards' work for the
+    3 that model FLOPs count, so 3/4 of the tokens/s at the same MFU."""
+    rates = []
+    for ckpt in ("false", "true"):
+        assert main(["model=finch_1.6b", "gpus=8", f"grad_checkpoint={ckpt}"]) == 0
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if "throughput" in ln)
+        rates.append(float(line.split("K tokens/s per GPU")[0].rsplit(" ", 1)[1]))
+    assert "with checkpointing (each recomputes the forward: x0.75)" in line
+    assert rates[1] == pytest.approx(0.75 * rates[0], abs=0.1)
