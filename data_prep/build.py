@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from data_prep import encode, usable_cpus
+from data_prep.fingerprint import describe_difference, few, stamp
 from data_prep.manifest import MANIFEST, empty_source, make_manifest, write_json_atomic
 from data_prep.progress import Progress
 from data_prep.shards import (
@@ -326,19 +327,6 @@ class _Packer:
         self.writer = self._new_writer()
 
 
-def _stamp(path: str) -> dict[str, Any]:
-    """What tells that an input changed without reading it: size and modification time (of
-    every file in a folder input)."""
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    stats = [f.stat() for f in files]
-    return {
-        "path": path,
-        "size": sum(st.st_size for st in stats),
-        "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
-    }
-
-
 def _fingerprint(
     cfg: BuildConfig, specs: list[SourceSpec], tokenizer: dict, inputs: list[str]
 ) -> dict:
@@ -350,7 +338,7 @@ def _fingerprint(
     return {
         "tokenizer": tokenizer,
         "sources": [asdict(s) for s in specs],
-        "files": [_stamp(path) for path in inputs],
+        "files": [stamp(path) for path in inputs],
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "shuffle": cfg.shuffle,
@@ -360,42 +348,6 @@ def _fingerprint(
         "shard_index": cfg.shard_index,
         "num_shards": cfg.num_shards,
     }
-
-
-def _few(names: list[str]) -> str:
-    """Up to three names of a list, for a message."""
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return (", ".join(names[:3]) + more) or "none"
-
-
-def fingerprint_difference(old: dict, new: dict) -> str:
-    """What differs between two build fingerprints, in words ("" when nothing does)."""
-    old_files = {f["path"]: f for f in old.get("files", []) if isinstance(f, dict)}
-    for f in new.get("files", []):
-        before = old_files.get(f["path"])
-        if before is not None and before != f:
-            return f"input {f['path']} changed since: its size or modification time differs"
-    for key in sorted(set(old) | set(new)):
-        was, now = old.get(key), new.get(key)
-        if was == now:
-            continue
-        if key == "files":
-            was_paths = {f["path"] if isinstance(f, dict) else f for f in was or []}
-            now_paths = {f["path"] for f in now or []}
-            added, removed = sorted(now_paths - was_paths), sorted(was_paths - now_paths)
-            return f"inputs added: {_few(added)}; removed: {_few(removed)}"
-        if key == "sources":
-            was_names, now_names = [s["name"] for s in was or []], [s["name"] for s in now or []]
-            if was_names != now_names:
-                return f"sources were {_few(was_names)}, now {_few(now_names)}"
-            for a, b in zip(was, now, strict=True):
-                for name in sorted(set(a) | set(b)):
-                    if a.get(name) != b.get(name):
-                        return (
-                            f"source {b['name']}: {name} was {a.get(name)!r}, now {b.get(name)!r}"
-                        )
-        return f"{key} was {was!r}, now {now!r}"
-    return ""
 
 
 def _recorded_shard_names(out: Path) -> list[str]:
@@ -423,7 +375,7 @@ def _remove_build(out: Path) -> None:
         if others:
             raise BuildError(
                 f"overwrite=true: {out} holds no build to replace but other files "
-                f"({_few(others)}); "
+                f"({few(others)}); "
                 "use an empty or new output_dir"
             )
         return
@@ -445,7 +397,7 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> None:
     fp_path = state / "build.json"
     if fp_path.is_file():
         previous = json.loads(fp_path.read_text(encoding="utf-8"))
-        difference = fingerprint_difference(previous, json.loads(json.dumps(fingerprint)))
+        difference = describe_difference(previous, json.loads(json.dumps(fingerprint)))
         if difference:
             raise BuildError(
                 f"{out} holds a build with other settings or inputs ({difference}); "

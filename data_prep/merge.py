@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_prep.build import fingerprint_difference
+from data_prep.fingerprint import describe_difference
 from data_prep.manifest import MANIFEST, make_manifest, read_manifest, write_json_atomic
 from data_prep.shards import STATE_DIR
 
@@ -49,7 +49,7 @@ def merge(out_dir: str | os.PathLike, parts: list[str | os.PathLike] | None = No
     first_fingerprint = _fingerprint(manifests[0][0])
     indices = []
     for path, m in manifests:
-        difference = fingerprint_difference(first_fingerprint, _fingerprint(path))
+        difference = describe_difference(first_fingerprint, _fingerprint(path))
         if difference:
             raise MergeError(
                 f"{path}: built with other inputs or settings than {manifests[0][0]} ({difference})"
