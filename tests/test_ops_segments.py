@@ -82,9 +82,11 @@ def test_rejects_uneven_split(cpp_ops):
     ("pairs", "T", "sms", "want"),
     [
         (320, 4096, 132, 1),  # B=8, H=40: the GPU is already full
-        (80, 4096, 132, 1),  # B=2, H=40: 4 segments would fit, and measured slower
-        (40, 16384, 132, 8),  # B=1, H=40
-        (32, 4096, 132, 8),  # B=1, H=32 (Finch 1.6B)
+        (160, 4096, 132, 1),  # B=4, H=40: 4 segments would fit; the second pass costs as much
+        (80, 4096, 132, 8),  # B=2, H=40: measured fastest in 8 (4 and 16 slower)
+        (40, 16384, 132, 16),  # B=1, H=40: measured fastest in 16
+        (64, 4096, 132, 8),  # B=1, H=64 (Finch 7B)
+        (32, 4096, 132, 16),  # B=1, H=32 (Finch 1.6B)
         (40, 4097, 132, 1),  # odd T cannot split
         (4, 1024, 132, 1),  # segments stay at least 256 steps long, so 4 at most here
         (4, 4096, 132, 16),  # and at most 16

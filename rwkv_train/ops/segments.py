@@ -24,12 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Blocks the kernels keep busy per SM: B=8, H=40 (320 blocks on 132 SMs) ran at nearly the
-# per-step speed of 40 blocks, so aim for about that many.
-_BLOCKS_PER_SM = 2.5
+# Blocks the kernels keep busy per SM. On an H200 (132 SMs), B x H = 40 and 80 pairs ran
+# fastest forward+backward at 640 blocks (16 and 8 segments: 1.19x and 1.18x 8 and 4
+# segments, 3.1x and 1.5x unsplit), and 1280 blocks was slower again; so aim for about 5.
+_BLOCKS_PER_SM = 5
 # The second pass pays only where most SMs would idle: split 8 or more ways, or not at all.
-# (On an H200 an earlier form of this split, a matmul correction instead of the second pass,
-# gained at B=1, T=16384, H=40 in 8 segments and lost at B=2, T=4096, H=40 in 4.)
+# Where 2 or 4 segments would fill the GPU, the pairs alone already keep it about a third
+# busy, and the second pass costs about what the split saves (B=8, H=40 unsplit: 320 blocks
+# at 1.6x the time of 80).
 _MIN_SEGMENTS = 8
 _MAX_SEGMENTS = 16
 # Segments shorter than this spend more on the extra launches and the chain than they save.
