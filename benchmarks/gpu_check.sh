@@ -42,7 +42,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, tee to $OUT/NAME.log, record status
 } 2>&1 | tee "$OUT/env.log"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -3
+    $PY -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -3
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 

@@ -7,10 +7,12 @@
 #
 #   bash benchmarks/gpu_train_check.sh      # from the repository root; OUT=folder for logs
 #
-# The GPU image lacks DeepSpeed (and its pydantic, hjson) and Hydra (hydra-core, omegaconf,
-# antlr4-python3-runtime): put their wheels in .whl/ (gitignored; pure Python except
-# pydantic-core, for the image's Python 3.12) and carry it. The data is this repository's
-# Markdown, tokenised with the World tokenizer. About 5 minutes; TRAINER=cpu runs it here.
+# The GPU image lacks DeepSpeed (and its pydantic, hjson), Hydra (hydra-core, omegaconf,
+# antlr4-python3-runtime) and `rwkv` (it ships the World vocabulary): put their wheels in
+# .whl/ (gitignored; pure Python except pydantic-core, for the image's Python 3.12) and carry
+# it; the script stops at once, naming what is missing, if one does not import. The data is
+# this repository's Markdown, tokenised with the World tokenizer's Python engine (no compile).
+# About 5 minutes; TRAINER=cpu runs it here.
 # Then `rwkv_train.evaluate` (val shards and LAMBADA-style passages) on the GPU against the
 # CPU; 4 steps at ctx_len 4096, whole and with trainer.segment_len=512; and last
 # bench_train.py eager against --compile.
@@ -26,15 +28,27 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/rwkv_torch_extensions}
 if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${NO_WHEELS:-}" ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
+    $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+        .whl/*.whl 2>&1 | tail -3
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+if ! $PY -c 'import deepspeed, hydra, lightning; from data_prep.tokenizer import default_vocab_path
+default_vocab_path()' >"$OUT/imports.log" 2>&1; then
+    echo "gpu_train_check: stopped, a package is missing:" | tee -a "$OUT/summary.txt"
+    tail -1 "$OUT/imports.log" | tee -a "$OUT/summary.txt"
+    exit 1
 fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
 
 echo "=== data"
-timeout 300 $PY -m data_prep.build 'inputs=[README.md,BENCHMARKS.md]' val_fraction=0 \
-    output_dir="$WORK/data" 2>&1 | tail -3 | tee "$OUT/train_data.log"
+t0=$SECONDS
+timeout 120 $PY -m data_prep.build 'inputs=[README.md,BENCHMARKS.md]' val_fraction=0 \
+    tokenizer_backend=python output_dir="$WORK/data" >"$OUT/train_data.log" 2>&1
+rc=$?
+tail -3 "$OUT/train_data.log"
+echo "data: rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+[ "$rc" = 0 ] || exit 1
 
 for stage in 2 3; do
     run="$WORK/zero$stage"
@@ -73,7 +87,7 @@ done
 mkdir -p "$WORK/evaltext"
 for f in rwkv_train/*.py rwkv_train/*/*.py; do cp "$f" "$WORK/evaltext/$(echo "$f" | tr / _).txt"; done
 timeout 120 $PY -m data_prep.build "inputs=[$WORK/evaltext/*.txt]" val_fraction=0.5 \
-    output_dir="$WORK/evaldata" >"$OUT/evaldata.log" 2>&1
+    tokenizer_backend=python output_dir="$WORK/evaldata" >"$OUT/evaldata.log" 2>&1
 # LAMBADA-style passages (the last word of each of 64 lines of the docstrings) go with it.
 grep -h -E '^[A-Za-z].* .* .* [a-z]+$' rwkv_train/*.py | head -n 64 |
     $PY -c 'import json, sys; [print(json.dumps({"text": l.strip()})) for l in sys.stdin]' \
