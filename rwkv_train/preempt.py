@@ -1,10 +1,10 @@
-"""Pre-emption and termination: save a checkpoint on a signal, stop, and say how to go on.
+"""Pre-emption, termination and Ctrl-C: save a checkpoint on a signal, stop, say how to go on.
 
 One mechanism, ours, not Lightning's. Lightning's SLURM auto-requeue saves an `hpc_ckpt_*.ckpt`
 that `resume=auto` does not look for and requeues from inside a rank, so it is turned off
 (`SLURMEnvironment(auto_requeue=False)`, see `slurm_plugins`); and Lightning's own SIGTERM
 handler ends the fit at the next batch without a checkpoint and with exit code 0, so ours
-replaces it for the length of the training loop. Two signals, two outcomes:
+replaces it for the length of the training loop. Three signals, two outcomes:
 
 - SIGUSR1, the warning Slurm sends LEAD seconds before a time limit or pre-emption
   (`--signal=B:USR1@LEAD`, LEAD from `python -m rwkv_train.plan`, the checkpoint's write time):
@@ -16,13 +16,17 @@ replaces it for the length of the training loop. Two signals, two outcomes:
   pre-emption sends before killing: save if the grace period allows (Slurm's KillWait, 30 s by
   default), stop, exit `TERMINATED_EXIT` (`Terminated`), which nothing requeues; the same
   command run again resumes from that checkpoint.
+- SIGINT, Ctrl-C in the terminal (every rank and DataLoader worker of a local launch gets it):
+  the same, with exit 130, as a shell reports for Ctrl-C; a second Ctrl-C stops at once
+  without saving (Python's KeyboardInterrupt). A process that started with SIGINT ignored (a
+  `nohup` or `&` job of a script) keeps ignoring it.
 
 `PreemptionCallback` only sets a flag in its signal handler. After every optimizer step (and
 after every validation) the ranks all-reduce that flag, so they agree on one stop step even
 when the signal reaches them during different steps, or reaches only one of them; a ZeRO
 checkpoint needs every rank to write its partition of the same step. Then it saves through
 the run's `CheckpointManager` (atomic, found by `resume=auto`) and stops the trainer. A
-SIGTERM on any rank outranks a SIGUSR1: a cancelled job must not requeue itself.
+SIGTERM or SIGINT on any rank outranks a SIGUSR1: a cancelled job must not requeue itself.
 
 `python -m rwkv_train.preempt OVERRIDES...` prints the run folder those overrides train in and
 records the job there (`jobs/<job id>.<restart>/`: resolved config, git commit); the batch
@@ -44,6 +48,7 @@ from rwkv_train.checkpoint import CheckpointManager
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the batch script requeues on it
 TERMINATED_EXIT = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM death
+INTERRUPTED_EXIT = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C
 
 
 class Preempted(SystemExit):
@@ -59,37 +64,50 @@ class Preempted(SystemExit):
 
 
 class Terminated(SystemExit):
-    """Raised after fitting when SIGTERM stopped training: exits with the code a shell gives a
-    process ended by SIGTERM, so schedulers and scripts see a stop, not a success. `step` is
-    the step saved, or None when the signal came before this process finished a step."""
+    """Raised after fitting when SIGTERM or Ctrl-C (SIGINT) stopped training: exits with the
+    code a shell gives a process ended by that signal, so schedulers and scripts see a stop,
+    not a success. `step` is the step saved, or None when the signal came before this process
+    finished a step."""
 
-    def __init__(self, step: int | None) -> None:
-        super().__init__(TERMINATED_EXIT)
+    def __init__(self, step: int | None, signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + signum)
         self.step = step
+        self.signum = signum
 
     def __str__(self) -> str:
+        what = "interrupted (Ctrl-C)" if self.signum == signal.SIGINT else "terminated (SIGTERM)"
         if self.step is None:
-            return "terminated (SIGTERM) before a step was finished: nothing new to save"
-        return (
-            f"terminated (SIGTERM): checkpoint saved at step {self.step}; "
-            "the same command resumes from it"
-        )
+            return f"{what} before a step was finished: nothing new to save"
+        return f"{what}: checkpoint saved at step {self.step}; the same command resumes from it"
 
 
 class PreemptionCallback(L.Callback):
-    """Turns SIGUSR1 and SIGTERM into a checkpoint and a clean stop at a step every rank
-    agrees on; `stop()` then gives the exception that ends the process with the right code."""
+    """Turns SIGUSR1, SIGTERM and SIGINT into a checkpoint and a clean stop at a step every
+    rank agrees on; `stop()` then gives the exception that ends the process with the right
+    code."""
 
     def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
         self.received: set[int] = set()  # the signals this rank got, set by the handler
         self.stopped_at: int | None = None  # the step saved before stopping, on every rank
-        self.terminated = False  # whether any rank got SIGTERM (else the stop is a requeue)
+        # SIGTERM or SIGINT if any rank got one (SIGTERM first), else None: a requeue
+        self.stop_signal: int | None = None
         self._previous: dict[int, object] = {}
         self._seen_step = -1
+        self._rank = 0
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: saving inside a handler could interrupt a collective half-way.
+        if signum == signal.SIGINT:
+            if signum in self.received:  # the second Ctrl-C: stop now, as Python would
+                signal.default_int_handler(signum, frame)
+            if self._rank == 0:
+                print(
+                    "\nCtrl-C: saving a checkpoint at the end of this step, then stopping "
+                    "(Ctrl-C again stops at once, without saving)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.received.add(signum)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -101,8 +119,14 @@ class PreemptionCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning installs its SIGTERM handler after `setup`, just before the loop: replace it.
         # A SIGTERM it caught already ends the fit after the first batch (`SIGTERMException`).
+        # Ctrl-C is ours only in the loop (before it, loading and setup simply stop), and not
+        # where the process was started with it ignored.
+        self._rank = trainer.global_rank
         if self._previous:
             signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.default_int_handler
+                signal.signal(signal.SIGINT, self._handle)
         if trainer.received_sigterm:
             self.received.add(signal.SIGTERM)
         self._seen_step = trainer.global_step  # nothing new to save before the next step
@@ -138,8 +162,10 @@ class PreemptionCallback(L.Callback):
         if self.stopped_at is not None:
             return
         if trainer.strategy.reduce_boolean_decision(bool(self.received), all=False):
-            term = signal.SIGTERM in self.received
-            self.terminated = trainer.strategy.reduce_boolean_decision(term, all=False)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if trainer.strategy.reduce_boolean_decision(signum in self.received, all=False):
+                    self.stop_signal = signum
+                    break
             if self.manager._last_saved != trainer.global_step:
                 self.manager.save(trainer)
             self.stopped_at = trainer.global_step
@@ -151,7 +177,9 @@ class PreemptionCallback(L.Callback):
         """The exit for a run this callback stopped (None if it ran to its end)."""
         if self.stopped_at is None:
             return None
-        return Terminated(self.stopped_at) if self.terminated else Preempted(self.stopped_at)
+        if self.stop_signal is None:
+            return Preempted(self.stopped_at)
+        return Terminated(self.stopped_at, self.stop_signal)
 
 
 def slurm_plugins() -> list:

@@ -22,7 +22,13 @@ from train_utils import compose_train, tiny_data, train_overrides
 import rwkv_train.train as train_mod
 from rwkv_train.checkpoint import checkpoint_step, find_latest
 from rwkv_train.metrics import read_metrics
-from rwkv_train.preempt import REQUEUE_EXIT, TERMINATED_EXIT, Preempted, Terminated
+from rwkv_train.preempt import (
+    INTERRUPTED_EXIT,
+    REQUEUE_EXIT,
+    TERMINATED_EXIT,
+    Preempted,
+    Terminated,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_ID = "4242"
@@ -142,13 +148,15 @@ class SignalAt(L.Callback):
     `in_validation` as the validation after that step starts."""
 
     def __init__(
-        self, step: int, signum: int = signal.SIGUSR1, in_validation: bool = False
+        self, step: int, signum: int = signal.SIGUSR1, in_validation: bool = False, times: int = 1
     ) -> None:
         self.step, self.signum, self.in_validation = step, signum, in_validation
+        self.times = times
 
     def _send(self, trainer: L.Trainer, in_validation: bool) -> None:
         if trainer.global_step == self.step and in_validation == self.in_validation:
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         self._send(trainer, in_validation=False)
@@ -159,7 +167,11 @@ class SignalAt(L.Callback):
 
 @pytest.mark.parametrize(
     ("signum", "stop_type", "code"),
-    [(signal.SIGUSR1, Preempted, REQUEUE_EXIT), (signal.SIGTERM, Terminated, TERMINATED_EXIT)],
+    [
+        (signal.SIGUSR1, Preempted, REQUEUE_EXIT),
+        (signal.SIGTERM, Terminated, TERMINATED_EXIT),
+        (signal.SIGINT, Terminated, INTERRUPTED_EXIT),
+    ],
 )
 def test_signal_saves_that_step_and_exits_with_its_code(
     data: Path,
@@ -170,9 +182,10 @@ def test_signal_saves_that_step_and_exits_with_its_code(
     code: int,
 ) -> None:
     """SIGUSR1 (Slurm's warning) exits 75 for the batch script to requeue; SIGTERM (scancel,
-    a pod eviction) exits 143. Lightning's own SIGTERM handler would end the fit at the next
-    batch with exit code 0 and no checkpoint. The stop spends no time on a validation (the
-    one Lightning runs when a fit is stopped early) within the grace period."""
+    a pod eviction) exits 143; Ctrl-C exits 130. Lightning's own SIGTERM handler would end the
+    fit at the next batch with exit code 0 and no checkpoint, and Ctrl-C with exit 1 and none.
+    The stop spends no time on a validation (the one Lightning runs when a fit is stopped
+    early) within the grace period."""
     build = train_mod.callbacks
     monkeypatch.setattr(train_mod, "callbacks", lambda *a: [SignalAt(3, signum), *build(*a)])
     run_dir = tmp_path / "run"
@@ -188,6 +201,54 @@ def test_signal_saves_that_step_and_exits_with_its_code(
     monkeypatch.setattr(train_mod, "callbacks", build)
     train_mod.train(compose_train(overrides))
     assert steps(run_dir) == list(range(1, 9))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The way out when a save is not wanted or takes too long: Python's KeyboardInterrupt,
+    which Lightning turns into exit 1. Ctrl-C works as before once training has ended."""
+    build = train_mod.callbacks
+    twice = SignalAt(3, signal.SIGINT, times=2)
+    monkeypatch.setattr(train_mod, "callbacks", lambda *a: [twice, *build(*a)])
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train_mod.train(compose_train(train_overrides(data, run_dir, "trainer.max_steps=8")))
+    assert stop.value.code == 1 and not isinstance(stop.value, Terminated)
+    assert find_latest(run_dir / "checkpoints") is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_a_terminal_saves_despite_the_dataloader_workers(
+    data: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches every process in the terminal's group, the DataLoader workers too; one
+    that stopped would end training with an error before the save."""
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(
+        data, run_dir, "trainer.max_steps=400", "checkpoint.every_n_steps=1000",
+        "data.val_samples=0", "data.num_workers=1", "data.global_batch_size=32",
+    )  # fmt: skip
+    job = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_train.train", *overrides],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job has
+    )
+    deadline = time.monotonic() + 120
+    while not steps(run_dir) or max(steps(run_dir)) < 2:
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGINT)
+    out = job.communicate(timeout=120)[0]
+    assert job.returncode == INTERRUPTED_EXIT, out[-3000:]
+    saved = checkpoint_step(find_latest(run_dir / "checkpoints"))
+    assert 2 <= saved < 400 and max(steps(run_dir)) == saved
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in out
+    assert f"interrupted (Ctrl-C): checkpoint saved at step {saved}" in out
 
 
 def test_sigterm_during_validation_saves_that_step(

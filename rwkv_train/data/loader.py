@@ -17,11 +17,13 @@ from rwkv_train.data.sampler import StepBatchSampler
 from rwkv_train.lambada import Item, RankPassages, collate_rows
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader worker start: a scheduler's SIGTERM goes to every process of a job, and a
-    worker it killed would end training with an error before the trainer could save its
-    checkpoint (rwkv_train/preempt.py). Workers leave with their parent instead."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start: a scheduler's SIGTERM goes to every process of a job, as
+    Ctrl-C's SIGINT goes to every process in the terminal, and a worker it stopped would end
+    training with an error before the trainer could save its checkpoint
+    (rwkv_train/preempt.py). Workers leave with their parent instead."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class RecordingSampler(Sampler[list[int]]):
@@ -119,7 +121,7 @@ class TokenDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": pin,
             "persistent_workers": self.num_workers > 0,
-            "worker_init_fn": _ignore_sigterm,
+            "worker_init_fn": _ignore_stop_signals,
             # a private generator: creating worker seeds must not draw from the global RNG
             "generator": torch.Generator().manual_seed(self.seed),
         }
