@@ -81,6 +81,25 @@ def unopenable(path: Path) -> str:
     return ""
 
 
+def saved_extra(path: Path) -> dict | None:
+    """What the LightningModule added to checkpoint `path` (its "rwkv_train" entry: model
+    config, optimizer groups, data position), read memory-mapped, so without the weights: from
+    the file, or from a ZeRO folder's rank-0 model states. None when it is not there."""
+    path = Path(path)
+    if path.is_dir():
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        found = [p for p in path.rglob("*model_states.pt") if p.name in names]
+        if not found:
+            return None
+        path = found[0]
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # unreadable: the load proper says why
+        return None
+    extra = state.get("rwkv_train") if isinstance(state, dict) else None
+    return extra if isinstance(extra, dict) else None
+
+
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint-named entry, oldest first."""
     if not folder.is_dir():

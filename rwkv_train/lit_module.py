@@ -16,6 +16,7 @@ built partitioned (see `configure_model`).
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,7 +25,8 @@ import torch
 from torch import Tensor
 
 from rwkv_train.bptt import segmented_loss
-from rwkv_train.config import ConfigError, TrainConfig, data_sources
+from rwkv_train.checkpoint import saved_extra
+from rwkv_train.config import ConfigError, OptimConfig, TrainConfig, data_sources
 from rwkv_train.data.manifest import load_manifest
 from rwkv_train.lambada import metrics as lambada_metrics
 from rwkv_train.lambada import passage_scores
@@ -99,6 +101,58 @@ def check_init_from(path: str, model_cfg: RWKVConfig) -> None:
         raise ConfigError(
             "model.init_from", f"{path} cannot be read as a .pth of weights ({type(e).__name__})"
         ) from None
+
+
+def check_resume(path: Path, model_cfg: RWKVConfig, optim_cfg: OptimConfig) -> None:
+    """Refuse a checkpoint that this config cannot continue (another model, other optimizer
+    groups) before the run folder is touched: found at the load, the refusal came after
+    config.yaml had been rewritten with the settings that cannot train it. Memory-mapped, as
+    `check_init_from`."""
+    extra = saved_extra(path)
+    if extra is None or "model_config" not in extra:  # older checkpoints: the load checks
+        return
+    reason = architecture_difference(extra["model_config"], architecture(model_cfg))
+    if reason:
+        raise ConfigError("model", reason)
+    if "param_groups" in extra:
+        with torch.device("meta"):
+            groups = group_layout(RWKV(model_cfg), optim_cfg)
+        reason = groups_difference(extra["param_groups"], groups)
+        if reason:
+            raise ConfigError("optim", reason)
+
+
+def architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """Why a checkpoint of architecture `saved` cannot resume as `now` ("" when it can)."""
+    if saved == now:
+        return ""
+    diff = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    return (
+        "the checkpoint resumed was trained with "
+        + ", ".join(f"{k}={saved.get(k)}" for k in diff)
+        + " (this config: "
+        + ", ".join(f"{k}={now.get(k)}" for k in diff)
+        + "); set those to resume it, or train another run (another run_dir)"
+    )
+
+
+def group_layout(net: RWKV, optim_cfg: OptimConfig) -> list[list[Any]]:
+    """The optimizer's parameter groups as (lr_mult, decayed, size): a resume needs the
+    same, since optimizer states are matched to parameters by position."""
+    groups = param_groups(net, optim_cfg)
+    return [[g["lr_mult"], g["weight_decay"] > 0, len(g["params"])] for g in groups]
+
+
+def groups_difference(saved: list[list[Any]], now: list[list[Any]]) -> str:
+    """Why optimizer states saved for groups `saved` cannot resume groups `now` ("" if so)."""
+    if saved == now:
+        return ""
+    return (
+        f"the checkpoint's optimizer groups (lr_mult, decayed, size) {saved} "
+        f"differ from this config's {now}: optim.lr_mult, "
+        "optim.no_decay, or optim.weight_decay turned on or off since it was saved; "
+        "resume with the settings it was written with"
+    )
 
 
 def load_pth(net: RWKV, path: str) -> None:
@@ -501,11 +555,8 @@ class RWKVLitModule(L.LightningModule):
             )
 
     def _group_layout(self) -> list[list[Any]]:
-        """The optimizer's parameter groups as (lr_mult, decayed, size): a resume needs the
-        same, since optimizer states are matched to parameters by position."""
         assert self.net is not None
-        groups = param_groups(self.net, self.cfg.optim)
-        return [[g["lr_mult"], g["weight_decay"] > 0, len(g["params"])] for g in groups]
+        return group_layout(self.net, self.cfg.optim)
 
     def _data_sources(self) -> list[list[Any]]:
         return [entry.record() for entry in data_sources(self.cfg.data.path)]
@@ -532,28 +583,14 @@ class RWKVLitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint["rwkv_train"]
-        saved, now = extra["model_config"], architecture(self.model_cfg)
-        if saved != now:
-            diff = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
-            raise ConfigError(
-                "model",
-                "the checkpoint resumed was trained with "
-                + ", ".join(f"{k}={saved.get(k)}" for k in diff)
-                + " (this config: "
-                + ", ".join(f"{k}={now.get(k)}" for k in diff)
-                + "); set those to resume it, or train another run (another run_dir)",
-            )
+        reason = architecture_difference(extra["model_config"], architecture(self.model_cfg))
+        if reason:
+            raise ConfigError("model", reason)
         self._continue_progress(checkpoint["global_step"], extra)
         saved_groups = extra.get("param_groups")  # absent from checkpoints of older versions
-        groups = self._group_layout()
-        if saved_groups is not None and saved_groups != groups:
-            raise ConfigError(
-                "optim",
-                f"the checkpoint's optimizer groups (lr_mult, decayed, size) {saved_groups} "
-                f"differ from this config's {groups}: optim.lr_mult, "
-                "optim.no_decay, or optim.weight_decay turned on or off since it was saved; "
-                "resume with the settings it was written with",
-            )
+        reason = saved_groups and groups_difference(saved_groups, self._group_layout())
+        if reason:
+            raise ConfigError("optim", reason)
         saved_data = extra.get("data")  # absent from checkpoints of older versions
         saved_prints = extra.get("data_fingerprints")
         if saved_data is not None and saved_data != self._data_sources():

@@ -38,7 +38,12 @@ from rwkv_train.checkpoint import (
 )
 from rwkv_train.config import ConfigError, Plan, TrainConfig, check_machine, validate
 from rwkv_train.data.loader import TokenDataModule
-from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule, check_init_from
+from rwkv_train.lit_module import (
+    NonFiniteLossError,
+    RWKVLitModule,
+    check_init_from,
+    check_resume,
+)
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
 from rwkv_train.preempt import PreemptionCallback, Terminated, slurm_plugins
@@ -313,6 +318,8 @@ def train(cfg: DictConfig) -> RWKVLitModule:
             "checkpoint resumed: nothing to train (raise it to go on, or resume= an earlier "
             "checkpoint of the run to roll back)",
         )
+    if ckpt is not None:
+        check_resume(ckpt, plan.model, tc.optim)
     if rank_zero_only.rank == 0:
         record_config(run_dir, tc, 0 if ckpt is None else checkpoint_step(ckpt))
     load_path = ckpt

@@ -28,7 +28,7 @@ from dist_utils import (
 )
 from train_utils import assert_matches_rwkv_package, tiny_data, train_overrides
 
-from rwkv_train.checkpoint import find_latest, list_checkpoints
+from rwkv_train.checkpoint import find_latest, list_checkpoints, saved_extra
 from rwkv_train.export import export, load_checkpoint_weights
 from rwkv_train.metrics import read_metrics
 from rwkv_train.train import compose_config, train
@@ -48,6 +48,10 @@ def test_runs_write_rank_partitions_and_read_disjoint_samples(
     assert any(s.startswith("zero_pp_rank_1_") for s in shards), shards
     if name == "zero3":  # parameters are partitioned too
         assert sum("model_states" in s for s in shards) == 2, shards
+    # what a resume checks before it touches the run folder, read from rank 0's model states
+    extra = saved_extra(ckpt)
+    assert extra is not None and extra["model_config"]["n_layer"] == 2
+    assert extra["param_groups"] and extra["consumed_samples"] > 0
 
     ids = [
         [

@@ -140,9 +140,12 @@ def test_recorded_sample_ids_are_the_trained_ones_with_workers(data: Path, tmp_p
 def test_resume_refuses_other_optimizer_groups_or_model(data: Path, tmp_path: Path) -> None:
     """Turning weight decay on adds a parameter group: the saved optimizer states, matched to
     parameters by position, would no longer fit, so the resume stops and says why; so does
-    another model shape, naming the fields that differ."""
+    another model shape, naming the fields that differ. Both before the run's config.yaml
+    is rewritten with the settings that cannot continue it (another model run in the folder
+    of a real run, say)."""
     rd = tmp_path / "run"
     run(data, rd, "trainer.max_steps=2", "checkpoint.every_n_steps=2")
+    config = (rd / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"optim\.weight_decay turned on or off"):
         run(data, rd, "trainer.max_steps=4", "optim.weight_decay=0.1")
     with pytest.raises(ConfigError) as other_model:
@@ -152,6 +155,8 @@ def test_resume_refuses_other_optimizer_groups_or_model(data: Path, tmp_path: Pa
         "head_size=32, n_layer=3); set those to resume it, or train another run (another "
         "run_dir)"
     )
+    assert (rd / "config.yaml").read_text() == config
+    assert not (rd / "config_history").exists()
     module = run(data, rd, "trainer.max_steps=4", "optim.betas=[0.9,0.95]")  # same groups
     assert {tuple(g["betas"]) for g in module._optimizer.param_groups} == {(0.9, 0.95)}
     assert [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r] == [
