@@ -329,6 +329,17 @@ def check_machine(plan: Plan) -> None:
             "model.wkv_backend",
             "'cpp' is the CPU op, but this run trains on a GPU: use auto or cuda",
         )
+    from rwkv_train.ops.loader import CUDA_HEAD_SIZES
+
+    m = plan.model
+    fused_heads = on_gpu and backend in ("auto", "cuda") and m.version != 4
+    if fused_heads and m.head_size not in CUDA_HEAD_SIZES:
+        raise ConfigError(
+            "model.head_size",
+            f"{m.head_size}: the CUDA WKV kernels take head sizes "
+            f"{', '.join(map(str, CUDA_HEAD_SIZES))}; train this one on the GPU with "
+            "model.wkv_backend=torch (the chunked PyTorch form, slower)",
+        )
 
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> Plan:

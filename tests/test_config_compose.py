@@ -207,3 +207,21 @@ def test_world_v2_data_config_asks_for_its_path() -> None:
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.field == "data.path"
+
+
+def test_a_head_size_the_cuda_kernels_lack_is_named_for_a_gpu_run(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto and cuda would fail at the first forward pass on the GPU; torch trains it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = ("trainer.accelerator=gpu", "model.n_embd=192", "model.wkv_backend=auto")
+    plan = validate(compose_train(train_overrides(data, tmp_path, *gpu, "model.head_size=48")))
+    with pytest.raises(ConfigError, match=r"^model.head_size: 48: the CUDA WKV kernels take"):
+        check_machine(plan)
+    torch_form = train_overrides(
+        data, tmp_path, *gpu, "model.head_size=48", "model.wkv_backend=torch"
+    )
+    check_machine(validate(compose_train(torch_form)))
+    check_machine(
+        validate(compose_train(train_overrides(data, tmp_path, *gpu, "model.head_size=64")))
+    )

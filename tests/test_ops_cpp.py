@@ -8,9 +8,11 @@ under REQUIRE_CPP_OPS=1 (CI), where that is a failure.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -219,11 +221,80 @@ def test_stale_build_lock_is_cleared(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     assert loader.clear_stale_lock(tmp_path, owner_is_gone=False)  # too old to be live
     assert not lock.exists()
+    # a builder of this host killed while holding torch's lock: its record names a dead pid
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".rwkv_build.flock").write_text(f"{socket.gethostname()} {dead.pid}\n")
     lock.touch()
     with loader._build_mutex(tmp_path) as held:
-        assert held
-        assert loader.clear_stale_lock(tmp_path, owner_is_gone=held)
-    assert not lock.exists()
+        assert held and not lock.exists()
+    assert (tmp_path / ".rwkv_build.flock").read_text().split() == [
+        socket.gethostname(),
+        str(os.getpid()),
+    ]
+
+
+def test_a_lock_of_another_node_is_waited_out_not_waited_on_forever(tmp_path, monkeypatch, caplog):
+    """A shared extension cache: a `lock` whose builder ran on another node may be live (its
+    node's flock does not exclude ours), so it is waited for, saying so, and removed once
+    older than the limit; torch itself would wait on a dead one forever. The same where the
+    filesystem has no flock at all."""
+    monkeypatch.setenv("RWKV_BUILD_LOCK_STALE_S", "2")
+    lock = tmp_path / "lock"
+    (tmp_path / ".rwkv_build.flock").write_text("another-node 4242\n")
+    lock.touch()
+    t0 = time.monotonic()
+    logs = caplog.at_level(logging.WARNING, logger="rwkv_train.ops.loader")
+    with logs, loader._build_mutex(tmp_path):
+        assert not lock.exists()
+    assert 1.0 < time.monotonic() - t0 < 30
+    assert "waiting for the build lock" in caplog.text and "removing a stale" in caplog.text
+
+    import fcntl
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock.touch()
+    with loader._build_mutex(tmp_path) as held:
+        assert not held and not lock.exists()
+
+
+def test_a_failed_build_is_summarised_by_its_cause():
+    """torch's message starts with the whole compiler command; the cause is further down."""
+    text = (
+        "Error building extension 'rwkv_wkv_cpu': [1/2] c++ -MMD -MF wkv_cpu.o.d -O3 -c x.cpp\n"
+        "FAILED: wkv_cpu.o\nc++ -MMD -O3 -c wkv_cpu.cpp -o wkv_cpu.o\n"
+        "wkv_cpu.cpp:12:3: error: 'undefined_symbol_x' was not declared in this scope\n"
+        "ninja: build stopped: subcommand failed."
+    )
+    assert loader._summary(RuntimeError(text)) == (
+        "RuntimeError: wkv_cpu.cpp:12:3: error: 'undefined_symbol_x' was not declared in this scope"
+    )
+    missing = "Error building extension 'x': [1/2] /no/c++ -c x.cpp\n/bin/sh: 1: /no/c++: not found"
+    assert loader._summary(RuntimeError(missing)).endswith("/bin/sh: 1: /no/c++: not found")
+
+
+def test_build_step_fails_when_a_found_cuda_toolkit_fails_to_build(monkeypatch, capsys):
+    """`--target auto` (what the Slurm script runs) skips CUDA only where there is none to
+    build with; a compile error must stop the job before every rank retries it."""
+    from torch.utils import cpp_extension
+
+    from rwkv_train.ops import build
+
+    def broken(verbose=False):
+        raise loader.ExtensionBuildError("building rwkv_wkv_cuda failed: wkv6.cu(12): error")
+
+    monkeypatch.setattr(loader, "load_cpu", lambda verbose=False: None)
+    monkeypatch.setattr(loader, "load_cuda", broken)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    assert build.main(["--target", "auto"]) == 1
+    assert "cuda: FAILED" in capsys.readouterr().out
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert build.main(["--target", "auto"]) == 0
+    assert "cuda: skipped" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -64,7 +64,9 @@ def _auto(device: torch.device) -> str:
             choice, why = "torch", f"fell back from {name}: {exc}"
     else:
         choice, why = "torch", f"no fused kernel for device type {device.type!r}"
-    log.info("WKV backend 'auto' on %s: %s (%s)", device.type, choice, why)
+    # a fallback is a slower run than the user may expect: said where it is seen
+    level = logging.WARNING if why.startswith("fell back") else logging.INFO
+    log.log(level, "WKV backend 'auto' on %s: %s (%s)", device.type, choice, why)
     _auto_choice[device.type] = choice
     return choice
 

@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=("auto", "cpu", "cuda", "all", "cpu_adam"),
         default=["auto"],
-        help="auto: cpu, plus cuda when this torch has CUDA and a toolkit is found; all: cpu "
-        "and cuda; cpu_adam: DeepSpeed's CPU Adam (deepspeed=*_offload)",
+        help="auto: cpu, plus cuda when this torch has CUDA and a toolkit is found (then a "
+        "failed cuda build fails); all: cpu and cuda; cpu_adam: DeepSpeed's CPU Adam "
+        "(deepspeed=*_offload)",
     )
     p.add_argument("--arch", help="CUDA archs without a visible GPU, e.g. '8.0;9.0'")
     p.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
@@ -37,10 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = args.arch
     builders = {"cpu": loader.load_cpu, "cuda": loader.load_cuda, "cpu_adam": loader.load_cpu_adam}
+    # auto skips cuda where it cannot be built at all; a failed build is a failure anyway
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    no_toolchain = torch.version.cuda is None or CUDA_HOME is None
     targets: dict[str, bool] = {}  # target -> optional (may be skipped)
     for t in args.target:
         for name in ("cpu", "cuda") if t in ("auto", "all") else (t,):
-            targets[name] = targets.get(name, True) and t == "auto" and name == "cuda"
+            optional = t == "auto" and name == "cuda" and no_toolchain
+            targets[name] = targets.get(name, True) and optional
     print(f"extension cache: {loader.build_root()}")
     failed = False
     for target, optional in targets.items():

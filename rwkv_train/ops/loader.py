@@ -6,12 +6,15 @@ the result under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), so la
 only load the shared library. torch rebuilds by itself when a source file or flag changes.
 
 Two problems of that mechanism are handled here:
-- torch serialises concurrent builds with a `lock` file in the build directory that a killed
-  build leaves behind, after which every later process waits on it forever. Our builders
-  hold an OS file lock (`flock`, dropped by the kernel when its holder dies) around the
-  build, so a `lock` file found while holding it has no living owner and is removed with a
-  message; where `flock` is unavailable, a `lock` older than RWKV_BUILD_LOCK_STALE_S
-  (default 1800 s) is treated the same way.
+- torch serialises concurrent builds (and loads) with a `lock` file in the build directory
+  that a killed build leaves behind, after which every later process waits on it forever.
+  Our builders hold an OS file lock (`flock`, dropped by the kernel when its holder dies)
+  around the build and record themselves in it ("host pid"). A `lock` found while holding
+  the flock, left by a builder of this host, has no living owner and is removed with a
+  message. Where the flock cannot decide (a filesystem without flock, or a builder of
+  another node on a shared filesystem whose flock excludes only one node's processes) we
+  wait for the `lock` ourselves, saying so, and remove it once it is older than
+  RWKV_BUILD_LOCK_STALE_S (default 1800 s), before torch's endless wait begins.
 - On a GPU machine the CUDA extension is built for the compute capabilities of the visible
   GPUs (sm_80, sm_90, ...); with no GPU visible (a login node running the explicit build
   step) for TORCH_CUDA_ARCH_LIST, or 8.0 and 9.0 when that is unset.
@@ -22,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -39,6 +44,7 @@ CUDA_NAME = "rwkv_wkv_cuda"
 CPU_SOURCES = ("wkv_cpu.cpp",)
 CUDA_SOURCES = ("wkv_cuda.cpp", "wkv6.cu", "wkv4.cu")
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+CUDA_HEAD_SIZES = (32, 64, 128)  # RWKV-5/6 head sizes the CUDA kernels are built for (wkv6.cu)
 
 _loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
@@ -61,34 +67,89 @@ def _stale_after_s() -> float:
 
 @contextlib.contextmanager
 def _build_mutex(build_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive flock on build_dir/.rwkv_build.flock; yields whether it was taken."""
+    """Hold an exclusive flock on build_dir/.rwkv_build.flock, clear or wait out torch's
+    `lock` there (`_settle_lock`), and record this process as the builder; yields whether
+    the flock was taken."""
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX
+        _settle_lock(build_dir, None)
         yield False
         return
     path = build_dir / ".rwkv_build.flock"
-    with open(path, "a") as fh:
+    with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("another process is building %s; waiting for it", build_dir.name)
             fcntl.flock(fh, fcntl.LOCK_EX)
         except OSError:  # a filesystem without flock
+            _settle_lock(build_dir, None)
             yield False
             return
         try:
+            _settle_lock(build_dir, path)
+            fh.truncate(0)
+            fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            fh.flush()
             yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _settle_lock(build_dir: Path, record: Path | None) -> None:
+    """Leave torch's `lock` in build_dir only to a builder that may be alive.
+
+    record: the builders' flock file, held by the caller (None: no flock). A lock found
+    under it whose recorded builder was a process of this host that has ended (or that no
+    builder of ours recorded) is a killed build's: removed now. Any other may belong to a
+    live builder on another node: wait while it is younger than RWKV_BUILD_LOCK_STALE_S,
+    then remove it.
+    """
+    lock = build_dir / "lock"
+    if not lock.exists():
+        return
+    # read after seeing the lock: a builder records itself before torch takes the lock
+    if record is not None and _ended_here(record.read_text()):
+        clear_stale_lock(build_dir, True)
+        return
+    next_note = time.monotonic()
+    while not clear_stale_lock(build_dir, False) and lock.exists():
+        if time.monotonic() >= next_note:
+            age = time.time() - lock.stat().st_mtime
+            log.warning(
+                "waiting for the build lock %s (%.0f s old): a build elsewhere may still be "
+                "running; it counts as stale after RWKV_BUILD_LOCK_STALE_S = %.0f s",
+                lock,
+                age,
+                _stale_after_s(),
+            )
+            next_note += 60
+        time.sleep(1.0)
+
+
+def _ended_here(record: str) -> bool:
+    """Whether a builder record "host pid" names no process, or one of this host that ended."""
+    host, _, pid = record.strip().partition(" ")
+    if not host:
+        return True
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 def clear_stale_lock(build_dir: Path, owner_is_gone: bool) -> bool:
     """Remove torch's build `lock` in build_dir if nobody can be holding it; True if removed.
 
-    owner_is_gone: the caller holds the builders' flock, so no live builder of ours owns the
-    lock. Otherwise the lock counts as stale only once older than RWKV_BUILD_LOCK_STALE_S.
+    owner_is_gone: its builder is known to be dead. Otherwise the lock counts as stale only
+    once older than RWKV_BUILD_LOCK_STALE_S.
     """
     lock = build_dir / "lock"
     try:
@@ -98,9 +159,7 @@ def clear_stale_lock(build_dir: Path, owner_is_gone: bool) -> bool:
     if not owner_is_gone and age < _stale_after_s():
         return False
     reason = "its builder is gone" if owner_is_gone else f"it is {age:.0f} s old"
-    msg = f"removing a stale build lock {lock} ({reason}: a compile was killed); rebuilding"
-    log.warning(msg)
-    print(f"rwkv_train: {msg}", file=sys.stderr)
+    log.warning("removing a stale build lock %s (%s: a compile was killed)", lock, reason)
     with contextlib.suppress(FileNotFoundError):
         lock.unlink()
     return True
@@ -141,8 +200,7 @@ def _build(
     if cuda:
         kwargs["extra_cuda_cflags"] = ["-O3", "-lineinfo", "--extra-device-vectorization"]
         os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
-    with _build_mutex(build_dir) as held:
-        clear_stale_lock(build_dir, owner_is_gone=held)
+    with _build_mutex(build_dir):
         return load(
             name=name,
             sources=paths,
@@ -155,11 +213,21 @@ def _build(
         )
 
 
+# Lines of a failed build that say what went wrong, best first: a compiler's diagnostic, a
+# missing program, a linker's complaint. torch's own first line quotes the whole command.
+_CAUSES = (re.compile(r"\berror\b"), re.compile(r"not found|No such file"), re.compile(r"ld: "))
+_NOISE = re.compile(r"^(Error building extension|\[\d+/\d+\]|FAILED:|ninja: )")
+
+
 def _summary(exc: BaseException) -> str:
-    """The first compiler error of a failed build (torch's message ends with ninja's)."""
+    """The line of a failed build that says why (torch's message holds ninja's whole log)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("ninja")]
-    return f"{type(exc).__name__}: {(errors or lines or ['?'])[0][:500]}"
+    said = [ln for ln in lines if not _NOISE.match(ln)]
+    for cause in _CAUSES:
+        found = [ln for ln in said if cause.search(ln)]
+        if found:
+            return f"{type(exc).__name__}: {found[0][:500]}"
+    return f"{type(exc).__name__}: {(said or lines or ['?'])[-1][:500]}"
 
 
 def _load(name: str, sources: tuple[str, ...], cuda: bool, verbose: bool) -> ModuleType:
@@ -211,8 +279,7 @@ def load_cpu_adam(verbose: bool = False) -> ModuleType:
 
     builder = CPUAdamBuilder()
     build_dir = Path(_get_build_directory(builder.name, verbose))
-    with _build_mutex(build_dir) as held:
-        clear_stale_lock(build_dir, owner_is_gone=held)
+    with _build_mutex(build_dir):
         try:
             return builder.load(verbose=verbose)
         except Exception as exc:
