@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ctx-len, --samples and --batch-size must be positive, --segment-len >= 0")
     if not args.data and args.lambada is None:
         p.error("nothing to evaluate on: give --data folders, --lambada, or both")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but torch sees no CUDA device here: use --device cpu")
     missing = [str(m) for m in args.models if not m.exists()]
     if missing:
         p.error(f"no model at {', '.join(missing)}")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         # a run folder stands for its newest checkpoint, fixed here so the step is its own
         sources = [m if m.suffix == ".pth" else resolve_checkpoint(m) for m in args.models]
         lambada = None if args.lambada is None else encode(read_passages(args.lambada))
-    except (ManifestError, FileNotFoundError, ValueError) as e:
+    except (ManifestError, OSError, ValueError) as e:  # a folder for a file, unreadable ...
         p.error(str(e))
     names, streams = val_sources(manifests, args.ctx_len)
     if manifests and not streams:

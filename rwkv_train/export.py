@@ -114,6 +114,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") 
     out = Path(out)
     if out.is_dir():
         raise ModelFileError(f"{out} is a folder: name the .pth file to write")
+    if out.suffix != ".pth":  # what the rwkv package, generate and evaluate take for weights
+        raise ModelFileError(f"{out}: name the output NAME.pth (the rwkv package reads .pth)")
     src = Path(src)
     if not (src.is_file() and src.suffix == ".pth"):  # a missing or empty source: before writing
         src = resolve_checkpoint(src)

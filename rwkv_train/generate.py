@@ -6,7 +6,10 @@
 The prompt is read in one parallel pass that returns the recurrent state; then each new token
 costs one step of the recurrence (constant time and memory per token, the point of RWKV).
 Token 0 ends a document, so sampling stops there. Text is printed as it is decoded; a
-character split across tokens appears once complete.
+character split across tokens appears once complete. Only ids the tokenizer has are sampled:
+the model's 65536 outputs include six past the World vocabulary's last id (65529), which an
+early model may still rank high. A model of the RWKV-4 Pile layout (vocabulary 50277) was
+trained with another tokenizer and is refused, as is a prompt with ids the model lacks.
 
 Sampling is nucleus (top-p) sampling: the most likely tokens whose probabilities add up to
 top_p (0 to 1) are kept, and always at least the most likely one, so top_p=0 (like
@@ -27,6 +30,8 @@ import torch
 
 from rwkv_train.export import ModelFileError, load_weights
 from rwkv_train.model import RWKV, RWKVConfig
+
+PILE_VOCAB = 50277  # the GPT-NeoX tokenizer of the RWKV-4 Pile models
 
 
 def load_model(path: str | os.PathLike, wkv_backend: str = "auto") -> RWKV:
@@ -76,8 +81,10 @@ def generate_ids(
     top_p: float = 0.85,
     seed: int = 0,
     agree: Callable[[int], int] | None = None,
+    vocab: int | None = None,
 ) -> Iterator[int]:
-    """Yields sampled token ids until max_tokens or token 0.
+    """Yields sampled token ids until max_tokens or token 0; with `vocab`, only ids below it
+    (those the tokenizer can decode).
 
     `agree` maps each sampled token to the one to continue with. Processes that must make
     the same forward calls (ZeRO-3 gathers the weights of every call from all ranks) pass
@@ -88,7 +95,10 @@ def generate_ids(
     ids = prompt_ids or [0]  # an empty prompt starts as after a document's end
     logits, state = net.forward_with_state(torch.tensor([ids], device=device), None)
     for _ in range(max_tokens):
-        tok = sample(logits[0, -1].float().cpu(), temperature, top_p, gen)
+        last = logits[0, -1].float().cpu()
+        if vocab is not None:
+            last[vocab:] = -math.inf
+        tok = sample(last, temperature, top_p, gen)
         if agree is not None:
             tok = agree(tok)
         if tok == 0:
@@ -106,7 +116,9 @@ def generate_text(
 
         tokenizer = WorldTokenizer()
     decoder = tokenizer.stream_decoder()  # type: ignore[attr-defined]
-    for tok in generate_ids(net, tokenizer.encode(prompt), **kwargs):  # type: ignore[attr-defined]
+    vocab = len(tokenizer.tokens)  # type: ignore[attr-defined]
+    ids = tokenizer.encode(prompt)  # type: ignore[attr-defined]
+    for tok in generate_ids(net, ids, vocab=vocab, **kwargs):  # type: ignore[arg-type]
         piece = decoder.feed([tok])
         if piece:
             yield piece
@@ -163,8 +175,19 @@ def main(argv: list[str] | None = None) -> None:
         net = load_model(path)
     except (FileNotFoundError, ModelFileError) as e:
         parser.error(str(e))
+    from data_prep.tokenizer import WorldTokenizer
+
+    tokenizer = WorldTokenizer()
+    if net.cfg.vocab_size == PILE_VOCAB:
+        parser.error(f"{path} has the GPT-NeoX (Pile) vocabulary; generate reads World tokens")
+    largest = max(tokenizer.encode(prompt), default=0)
+    if largest >= net.cfg.vocab_size:
+        parser.error(
+            f"the prompt has World token id {largest}, but {path} has only "
+            f"{net.cfg.vocab_size} ids: a model of a smaller vocabulary"
+        )
     sys.stdout.write(prompt)
-    for piece in generate_text(net, prompt, **settings):
+    for piece in generate_text(net, prompt, tokenizer, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -113,6 +113,7 @@ def test_generate_names_a_model_it_cannot_load(
         ("run", "plain/out.pth", "plain is a file, not a folder", "plain/out.pth"),
         ("run", "plain/deeper/out.pth", "plain is a file, not a folder", "plain/deeper/out.pth"),
         ("run", "empty", "is a folder: name the .pth file", "empty"),
+        ("run", "model.pt", "name the output NAME.pth", "model.pt"),  # unreadable later
     ],
 )
 def test_export_names_the_path_and_the_problem(
@@ -128,3 +129,45 @@ def test_export_of_a_damaged_pth_writes_nothing(models: dict[str, Path], capsys:
     root = models["root"]
     line = usage_error(export.main, [str(root / "truncated.pth"), str(root / "re.pth")], capsys)
     assert "truncated.pth cannot be opened" in line and not (root / "re.pth").exists()
+
+
+class FixedLogits(torch.nn.Module):
+    """A model stand-in whose every next-token distribution peaks at `peak`."""
+
+    def __init__(self, peak: int, vocab: int = 65536) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.logits[peak] = 30.0
+            self.logits[200] = 20.0  # the best of the rest
+
+    def forward_with_state(self, ids: torch.Tensor, state: object) -> tuple:
+        return self.logits.expand(1, ids.shape[1], -1), state
+
+
+def test_only_ids_the_tokenizer_has_are_sampled() -> None:
+    """65530-65535 are model outputs without a World token: decoding one crashed generate
+    and the training-time samples of an early model."""
+    net = FixedLogits(65533)
+    assert list(generate.generate_ids(net, [5], max_tokens=3, temperature=0)) == [65533] * 3
+    for t in (0.0, 1.0):
+        ids = list(generate.generate_ids(net, [5], max_tokens=50, temperature=t, vocab=65530))
+        assert ids == [200] * 50
+    text = "".join(generate.generate_text(net, "x", max_tokens=5, temperature=1.0))
+    assert isinstance(text, str)
+
+
+def test_generate_refuses_a_model_of_another_vocabulary(
+    models: dict[str, Path], capsys: Capsys
+) -> None:
+    """A prompt id past the model's last crashed with an IndexError; a Pile-vocabulary
+    RWKV-4 model printed its ids decoded as World tokens."""
+    line = usage_error(generate.main, [str(models["pth"]), "prompt=语言模型"], capsys)
+    assert "the prompt has World token id" in line and "only 128 ids" in line
+    from rwkv_train.model import RWKV, RWKVConfig
+
+    pile = models["root"] / "pile4.pth"
+    cfg = RWKVConfig(version=4, n_layer=1, n_embd=64, vocab_size=generate.PILE_VOCAB)
+    torch.save(RWKV(cfg).state_dict(), pile)
+    line = usage_error(generate.main, [str(pile), "prompt=x"], capsys)
+    assert "GPT-NeoX (Pile) vocabulary" in line

@@ -4,6 +4,7 @@ validation figures the run logged at their steps."""
 from pathlib import Path
 
 import pytest
+import torch
 from train_utils import (
     TINY_VOCAB,
     compose_train,
@@ -88,3 +89,11 @@ def test_command_scores_checkpoints_and_a_pth(
     assert f"{torn} cannot be opened" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no val chunk of 1000 tokens
         main([str(pth), "--data", str(run["data"]), "--ctx-len", "1000"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a folder given for the passages file
+        main([str(pth), "--lambada", str(run["root"])])
+    assert "Is a directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main([str(pth), *common, "--device", "cuda"])
+        assert "torch sees no CUDA device here" in capsys.readouterr().err
