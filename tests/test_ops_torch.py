@@ -7,6 +7,7 @@ tensor. Each comparison checks the output, the final state and the gradients of 
 the initial state included, with random cotangents for both outputs.
 """
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -237,3 +238,24 @@ def test_gradcheck_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chunked, "SEGMENT", 8)
     a6 = [x.requires_grad_() for x in inputs6(1, 10, 1, 2, "mixture")]  # 3 chunks, 2 segments
     assert torch.autograd.gradcheck(chunked.wkv6_chunked, a6)
+
+
+@pytest.mark.parametrize(
+    ("call", "problem"),
+    [
+        (lambda x, w5, u: wkv6(x.long(), x, x, x, u), "r must be a floating-point"),
+        (lambda x, w5, u: wkv6(x[0], x, x, x, u), "r must be (B, T, H, N)"),
+        (lambda x, w5, u: wkv6(x, x, x, w5, u), "w of RWKV-6 must be (B, T, H, N)"),
+        (lambda x, w5, u: wkv5(x, x, x, x, u), "w of RWKV-5 must be (H, N)"),
+        (lambda x, w5, u: wkv6(x, x, x, x, u[0]), "u must be (H, N) = (3, 8)"),
+        (lambda x, w5, u: wkv6(x, x[:, :4], x, x, u), "k must be (B, T, H, N)"),
+        (lambda x, w5, u: wkv5(x, x, x, w5, u, torch.zeros(1, 3, 8, 8)), "state must be"),
+        (lambda x, w5, u: wkv4(x[..., 0], x[..., 0], u[0], u[0]), "w must be (C,) = (3,)"),
+    ],
+)
+def test_bad_shapes_and_dtypes_are_named_for_every_backend(call: Callable, problem: str) -> None:
+    """The chunked form failed deep inside (or truncated integer inputs) where the fused ops
+    stopped in C++: one check in front of every backend names the argument."""
+    x = torch.randn(2, 5, 3, 8)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        call(x, torch.randn(3, 8), torch.randn(3, 8))

@@ -18,6 +18,30 @@ from torch import Tensor
 from rwkv_train.ops.backend import resolve
 
 
+def _expect(name: str, t: Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be {what} = {shape}, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> None:
+    """The shapes of the module docstring, checked once here for every backend: the fused
+    ops would stop in C++, and the chunked form fail deep inside or truncate integers."""
+    if r.dim() != 4:
+        raise ValueError(f"r must be (B, T, H, N), got shape {tuple(r.shape)}")
+    B, T, H, N = r.shape
+    for name, t in (("r", r), ("k", k), ("v", v)):
+        _expect(name, t, (B, T, H, N), "(B, T, H, N)")
+    if w.dim() == 4:
+        _expect("w", w, (B, T, H, N), "(B, T, H, N)")
+    else:
+        _expect("w", w, (H, N), "(H, N)")
+    _expect("u", u, (H, N), "(H, N)")
+    if state is not None:
+        _expect("state", state, (B, H, N, N), "(B, H, N, N)")
+
+
 def wkv6(
     r: Tensor,
     k: Tensor,
@@ -28,6 +52,9 @@ def wkv6(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """RWKV-6 WKV with a data-dependent decay w of shape (B, T, H, N)."""
+    if w.dim() != 4:
+        raise ValueError(f"w of RWKV-6 must be (B, T, H, N), got shape {tuple(w.shape)}")
+    _check(r, k, v, w, u, state)
     return resolve("wkv6", backend, r.device)(r, k, v, w, u, state)
 
 
@@ -41,6 +68,9 @@ def wkv5(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """RWKV-5 WKV with a static decay w of shape (H, N)."""
+    if w.dim() != 2:
+        raise ValueError(f"w of RWKV-5 must be (H, N), got shape {tuple(w.shape)}")
+    _check(r, k, v, w, u, state)
     return resolve("wkv5", backend, r.device)(r, k, v, w, u, state)
 
 
@@ -53,6 +83,15 @@ def wkv4(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """RWKV-4 channel-wise WKV; state is (aa, bb, pp) stacked as (B, 3, C)."""
+    if k.dim() != 3:
+        raise ValueError(f"k must be (B, T, C), got shape {tuple(k.shape)}")
+    B, T, C = k.shape
+    _expect("k", k, (B, T, C), "(B, T, C)")
+    _expect("v", v, (B, T, C), "(B, T, C)")
+    _expect("w", w, (C,), "(C,)")
+    _expect("u", u, (C,), "(C,)")
+    if state is not None:
+        _expect("state", state, (B, 3, C), "(B, 3, C)")
     return resolve("wkv4", backend, k.device)(k, v, w, u, state)
 
 
