@@ -12,6 +12,8 @@ import errno
 import importlib.util
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -349,3 +351,18 @@ def test_model_cpp_equals_torch(cpp_ops, version):
     for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_builds_are_named_by_their_sources(tmp_path, monkeypatch):
+    """Two checkouts sharing one extension cache keep a build each: torch rebuilt one folder
+    for whichever started last, under the other's running jobs."""
+    name = loader.versioned_name(loader.CPU_NAME)
+    assert name == loader.versioned_name(loader.CPU_NAME)
+    assert re.fullmatch(r"rwkv_wkv_cpu_[0-9a-f]{12}", name)  # a module name too
+    other = tmp_path / "cuda"
+    shutil.copytree(loader.cuda_dir(), other)
+    monkeypatch.setattr(loader, "cuda_dir", lambda: other)
+    assert loader.versioned_name(loader.CPU_NAME) == name
+    with (other / "wkv.h").open("a") as f:  # a header only the kernels include
+        f.write("// another checkout\n")
+    assert loader.versioned_name(loader.CPU_NAME) != name

@@ -3,7 +3,10 @@
 Nothing here compiles at import: `load_cpu()` / `load_cuda()` build through
 `torch.utils.cpp_extension.load` the first time they are called in a process, and torch caches
 the result under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), so later processes
-only load the shared library. torch rebuilds by itself when a source file or flag changes.
+only load the shared library. Each build is named by a hash of the kernel sources, the
+torch version and the Python ABI (`rwkv_wkv_cpu_<hash>`): two checkouts or torch versions
+sharing one cache each keep their own build, instead of rebuilding one folder in turn under
+the other's running jobs.
 
 Two problems of that mechanism are handled here:
 - torch serialises concurrent builds (and loads) with a `lock` file in the build directory
@@ -23,6 +26,7 @@ Two problems of that mechanism are handled here:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -230,6 +234,17 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(said or lines or ['?'])[-1][:500]}"
 
 
+def versioned_name(name: str) -> str:
+    """`name` and a hash of every kernel source and header (an include changes the build too),
+    the torch version and the Python ABI: the build folder and module name of this code's
+    extension."""
+    key = hashlib.sha256(f"{torch.__version__} {sys.implementation.cache_tag}".encode())
+    for path in sorted(cuda_dir().iterdir()):
+        if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
+            key.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"{name}_{key.hexdigest()[:12]}"
+
+
 def _load(name: str, sources: tuple[str, ...], cuda: bool, verbose: bool) -> ModuleType:
     if name in _loaded:
         return _loaded[name]
@@ -237,11 +252,11 @@ def _load(name: str, sources: tuple[str, ...], cuda: bool, verbose: bool) -> Mod
         raise ExtensionBuildError(_failed[name])
     t0 = time.perf_counter()
     try:
-        mod = _build(name, sources, cuda, verbose)
+        mod = _build(versioned_name(name), sources, cuda, verbose)
     except Exception as exc:  # compiler missing, compile error, no CUDA toolkit, ...
         _failed[name] = f"building {name} failed: {_summary(exc)}"
         raise ExtensionBuildError(_failed[name]) from exc
-    log.info("loaded %s in %.1f s (cache %s)", name, time.perf_counter() - t0, build_root())
+    log.info("loaded %s in %.1f s (cache %s)", mod.__name__, time.perf_counter() - t0, build_root())
     _loaded[name] = mod
     return mod
 
