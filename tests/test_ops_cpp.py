@@ -366,3 +366,24 @@ def test_builds_are_named_by_their_sources(tmp_path, monkeypatch):
     with (other / "wkv.h").open("a") as f:  # a header only the kernels include
         f.write("// another checkout\n")
     assert loader.versioned_name(loader.CPU_NAME) != name
+
+
+def test_a_prebuilt_extension_loads_from_a_read_only_cache(cpp_ops, tmp_path, monkeypatch):
+    """A team's shared software area holds the build but cannot be written: torch's load()
+    failed taking its lock there, and auto fell back to the slow torch form."""
+    built = Path(cpp_ops.__file__).parent
+    shared = tmp_path / "shared"
+    shutil.copytree(built, shared / built.name)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(shared))
+    writable = os.access
+    monkeypatch.setattr(loader.os, "access", lambda p, mode: mode != os.W_OK and writable(p, mode))
+    monkeypatch.setattr(loader, "_loaded", {})
+
+    def files() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (shared / built.name).iterdir()}
+
+    before = files()
+    module = loader.load_cpu()
+    assert Path(module.__spec__.origin).parent == shared / built.name  # imported from there
+    assert files() == before  # nothing written: no lock, no record, no rebuild
+    assert callable(module.wkv56_forward)

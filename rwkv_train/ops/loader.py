@@ -191,6 +191,9 @@ def _build(
     if missing:
         raise ExtensionBuildError(f"kernel sources missing: {missing}")
     build_dir = build_root() / name
+    built = build_dir / f"{name}.so"
+    if built.is_file() and build_dir.is_dir() and not os.access(build_dir, os.W_OK):
+        return _import_prebuilt(name, built)
     cflags = ["-O3", *(f"-D{d}" for d in defines)]
     ldflags: list[str] = []
     if sys.platform.startswith("linux"):
@@ -215,6 +218,21 @@ def _build(
             verbose=verbose,
             **kwargs,
         )
+
+
+def _import_prebuilt(name: str, path: Path) -> ModuleType:
+    """The built extension of a cache this process cannot write (a shared, read-only software
+    area): torch's load() would fail taking its lock there. The name's hash says the library
+    is of these sources, torch and Python."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ExtensionBuildError(f"{path} cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log.info("loaded the prebuilt %s from a read-only cache", path)
+    return module
 
 
 # Lines of a failed build that say what went wrong, best first: a compiler's diagnostic, a
