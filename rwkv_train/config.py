@@ -7,6 +7,7 @@ divide, the model vocabulary covers the tokenizer. Every error names the field t
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,15 @@ def data_sources(path: Any) -> list[DataEntry]:
     return out
 
 
+def _launched_per_node() -> bool:
+    """Whether a launcher started this process as one of a multi-node job: srun (Slurm),
+    torchrun (RANK, GROUP_RANK), or Lightning's manual form (NODE_RANK set on every node)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = os.environ
+    return any(k in env for k in ("NODE_RANK", "GROUP_RANK", "RANK")) or SLURMEnvironment.detect()
+
+
 def check_machine(plan: Plan) -> None:
     """The settings this machine cannot run, named before Lightning or the first forward pass
     fails on them with a traceback. Apart from `validate`, which checks a config for any
@@ -328,6 +338,15 @@ def check_machine(plan: Plan) -> None:
         raise ConfigError(
             "model.wkv_backend",
             "'cpp' is the CPU op, but this run trains on a GPU: use auto or cuda",
+        )
+    nodes = plan.cfg.trainer.num_nodes
+    if nodes > 1 and not _launched_per_node():
+        raise ConfigError(
+            "trainer.num_nodes",
+            f"{nodes}, but this process was started alone, not by a launcher of one process per "
+            "node: it would wait for the other nodes' ranks until the timeout. Launch with "
+            "slurm/train.sbatch (srun) or torchrun, or set NODE_RANK and MASTER_ADDR on each "
+            "node; or train on this one with trainer.num_nodes=1",
         )
     from rwkv_train.ops.loader import CUDA_HEAD_SIZES
 

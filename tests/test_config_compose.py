@@ -225,3 +225,18 @@ def test_a_head_size_the_cuda_kernels_lack_is_named_for_a_gpu_run(
     check_machine(
         validate(compose_train(train_overrides(data, tmp_path, *gpu, "model.head_size=64")))
     )
+
+
+def test_several_nodes_need_a_launcher(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`experiment=finch_3b trainer=cpu` keeps the experiment's num_nodes=4: started alone,
+    the run waited for three other nodes until the rendezvous timed out."""
+    for var in ("NODE_RANK", "GROUP_RANK", "RANK", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    nodes = ("trainer.num_nodes=4", "data.global_batch_size=8")
+    plan = validate(compose_train(train_overrides(data, tmp_path, *nodes)))
+    with pytest.raises(ConfigError, match=r"^trainer.num_nodes: 4, but this process was"):
+        check_machine(plan)
+    monkeypatch.setenv("NODE_RANK", "0")  # each node's process started by hand
+    check_machine(plan)
