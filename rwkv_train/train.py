@@ -36,14 +36,10 @@ from rwkv_train.checkpoint import (
     set_aside_after,
     unopenable,
 )
+from rwkv_train.compatible import check_init_from, check_resume
 from rwkv_train.config import ConfigError, Plan, TrainConfig, check_machine, validate
 from rwkv_train.data.loader import TokenDataModule
-from rwkv_train.lit_module import (
-    NonFiniteLossError,
-    RWKVLitModule,
-    check_init_from,
-    check_resume,
-)
+from rwkv_train.lit_module import NonFiniteLossError, RWKVLitModule
 from rwkv_train.metrics import JsonlLogger
 from rwkv_train.paths import conf_dir
 from rwkv_train.preempt import PreemptionCallback, Terminated, slurm_plugins
