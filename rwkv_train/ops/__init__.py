@@ -25,18 +25,21 @@ def _expect(name: str, t: Tensor, shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _check(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> None:
+def _check(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None, static: bool
+) -> None:
     """The shapes of the module docstring, checked once here for every backend: the fused
-    ops would stop in C++, and the chunked form fail deep inside or truncate integers."""
+    ops would stop in C++, and the chunked form fail deep inside or truncate integers.
+    `static`: w is RWKV-5's (H, N) decay, else RWKV-6's (B, T, H, N)."""
     if r.dim() != 4:
         raise ValueError(f"r must be (B, T, H, N), got shape {tuple(r.shape)}")
     B, T, H, N = r.shape
     for name, t in (("r", r), ("k", k), ("v", v)):
         _expect(name, t, (B, T, H, N), "(B, T, H, N)")
-    if w.dim() == 4:
-        _expect("w", w, (B, T, H, N), "(B, T, H, N)")
+    if static:
+        _expect("w of RWKV-5", w, (H, N), "(H, N)")
     else:
-        _expect("w", w, (H, N), "(H, N)")
+        _expect("w of RWKV-6", w, (B, T, H, N), "(B, T, H, N)")
     _expect("u", u, (H, N), "(H, N)")
     if state is not None:
         _expect("state", state, (B, H, N, N), "(B, H, N, N)")
@@ -52,9 +55,7 @@ def wkv6(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """RWKV-6 WKV with a data-dependent decay w of shape (B, T, H, N)."""
-    if w.dim() != 4:
-        raise ValueError(f"w of RWKV-6 must be (B, T, H, N), got shape {tuple(w.shape)}")
-    _check(r, k, v, w, u, state)
+    _check(r, k, v, w, u, state, static=False)
     return resolve("wkv6", backend, r.device)(r, k, v, w, u, state)
 
 
@@ -68,9 +69,7 @@ def wkv5(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """RWKV-5 WKV with a static decay w of shape (H, N)."""
-    if w.dim() != 2:
-        raise ValueError(f"w of RWKV-5 must be (H, N), got shape {tuple(w.shape)}")
-    _check(r, k, v, w, u, state)
+    _check(r, k, v, w, u, state, static=True)
     return resolve("wkv5", backend, r.device)(r, k, v, w, u, state)
 
 
